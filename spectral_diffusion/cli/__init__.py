@@ -1,0 +1,49 @@
+"""`spectral-diffusion` command line: one sub-command per module in this package.
+
+Each sub-command module defines `register(subparsers)`, which adds its parser and sets `func(args) -> int | None`.
+User mistakes raise `SpectralDiffusionError`; they are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from spectral_diffusion.errors import SpectralDiffusionError
+
+# Sub-command modules, in the order `--help` lists them.
+COMMANDS = ("train", "fuse", "generate", "export", "app", "demo", "toyworld")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spectral-diffusion",
+        description="Train, fuse and generate with Spectral Adapter concepts for Stable Diffusion 1.x.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"spectral_diffusion.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"spectral_diffusion.cli.{name}":
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SpectralDiffusionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
