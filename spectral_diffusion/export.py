@@ -1,0 +1,112 @@
+"""Export a concept as a plain LoRA (diffusers/PEFT or kohya keys) plus a textual-inversion embedding.
+
+Every adapter variant's weight change is exactly `dW = up @ down` (rank 2r for the spectral variants), so the
+export is lossless: `lora_B = up`, `lora_A = down`, at scale 1. PEFT-format files carry no alphas (diffusers then
+uses alpha = rank, scale 1); kohya files carry `alpha = rank` for the same scale in A1111 / ComfyUI.
+
+SD 1.x `proj_in` / `proj_out` are 1x1 convolutions (`use_linear_projection=False`), so their factors are written
+as `[k, in, 1, 1]` / `[out, k, 1, 1]` conv kernels, as PEFT and kohya expect for conv layers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from spectral_diffusion.adapters.layers import Factors
+from spectral_diffusion.concept_file import Concept, load_concept
+from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.training.checkpoint import atomic_write
+
+FORMATS = ("peft", "kohya")
+_CONV_1X1 = (".proj_in", ".proj_out")
+_KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+
+
+def _external_path(layer: str) -> tuple[str, str]:
+    """`(component, module path)` in the layout LoRA files use: CLIP keeps its `text_model.` level there,
+    which transformers >= 5.6 dropped from `CLIPTextModel`'s own module names."""
+    component, _, path = layer.partition(".")
+    if component not in _KOHYA_PREFIX:
+        raise SpectralDiffusionError(f"cannot export layer {layer!r}: not in the UNet or text encoder")
+    if component == "text_encoder" and not path.startswith("text_model."):
+        path = "text_model." + path
+    return component, path
+
+
+def lora_state_dict(concept: Concept, fmt: str = "peft") -> dict[str, torch.Tensor]:
+    """The concept's exact weight changes as LoRA tensors (fp32) in format `fmt` (`peft` or `kohya`)."""
+    return lora_tensors({layer: concept.delta_factors(layer) for layer in concept.layers}, fmt)
+
+
+def lora_tensors(factors: Mapping[str, Factors], fmt: str = "peft") -> dict[str, torch.Tensor]:
+    """LoRA tensors in format `fmt` for per-layer factors `{layer name: (up [out, k], down [k, in])}`."""
+    if fmt not in FORMATS:
+        raise SpectralDiffusionError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    out: dict[str, torch.Tensor] = {}
+    for layer in sorted(factors):
+        up, down = (t.detach().to("cpu", torch.float32) for t in factors[layer])
+        if layer.startswith("unet.") and layer.endswith(_CONV_1X1):
+            up, down = up[:, :, None, None], down[:, :, None, None]
+        component, path = _external_path(layer)
+        if fmt == "peft":
+            out[f"{component}.{path}.lora_A.weight"] = down.contiguous()
+            out[f"{component}.{path}.lora_B.weight"] = up.contiguous()
+        else:
+            name = _KOHYA_PREFIX[component] + path.replace(".", "_")
+            out[f"{name}.lora_down.weight"] = down.contiguous()
+            out[f"{name}.lora_up.weight"] = up.contiguous()
+            out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
+    return out
+
+
+def textual_inversion_path(lora_path: str | Path) -> Path:
+    """Where the token embedding goes: `dogA.safetensors` -> `dogA.ti.safetensors`."""
+    lora_path = Path(lora_path)
+    return lora_path.with_name(lora_path.stem + ".ti.safetensors")
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What `export_lora` wrote, and the token to write in prompts where the embedding is loaded."""
+
+    lora: Path
+    embedding: Path
+    token: str
+
+
+def export_lora(
+    concept: Concept | str | Path, out: str | Path, fmt: str = "peft", *, overwrite: bool = False
+) -> Exported:
+    """Write the LoRA to `out` and the token embedding next to it (`textual_inversion_path`).
+
+    The embedding file holds one tensor `{token: [n_vectors, dim]}`, the single-key layout that diffusers'
+    `load_textual_inversion`, A1111 and ComfyUI all read. Its token is lower-cased (`<dogA>` -> `<doga>`) and
+    prompts must spell it so: diffusers adds it as a normalised tokenizer entry, which matches lower-case text
+    only, and expands a multi-vector token into `<tok> <tok>_1 ...` only by that exact spelling; a mixed-case
+    token would silently use one of its vectors.
+    """
+    if not isinstance(concept, Concept):
+        concept = load_concept(concept)
+    out = Path(out)
+    ti_out = textual_inversion_path(out)
+    if out.suffix != ".safetensors":
+        raise SpectralDiffusionError(f"{out}: LoRA files are written as .safetensors")
+    for path in (out, ti_out):
+        if path.exists() and not overwrite:
+            raise SpectralDiffusionError(f"{path} already exists (pass --overwrite to replace it)")
+    tensors = lora_state_dict(concept, fmt)
+    meta = concept.meta
+    source = {"token": meta.token, "variant": meta.variant, "rank": meta.rank, "band": meta.band,
+              "base_fingerprint": meta.base_fingerprint, "format": fmt}  # fmt: skip
+    metadata = {"format": "pt", "spectral_diffusion_export": json.dumps(source, sort_keys=True)}
+    atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    token = meta.token.lower()
+    embedding = {token: concept.token_embeddings.detach().to(torch.float32).contiguous()}
+    atomic_write(ti_out, lambda tmp: save_file(embedding, tmp, metadata={"format": "pt"}))
+    return Exported(out, ti_out, token)

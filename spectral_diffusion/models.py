@@ -1,0 +1,218 @@
+"""Loading a base model from one `--base SPEC`: `toy`, a diffusers folder, an SD 1.x single file, or a hub id.
+
+Every command takes the same flags (`add_base_arguments`), so a model that trains also fuses and generates.
+Single files load fully offline: diffusers' own converter with the SD 1.5 configs shipped in `configs/sd15/`
+(or `--config DIR` for a model with other shapes). Pickled checkpoints can run code when unpickled, so they are
+refused unless the user passes `--allow-pickle`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.single_file import check_sd1_single_file
+
+SD15_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "sd15"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_NO_SAFETY = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """`device`, or CUDA when there is one, else CPU; refuses a device this machine lacks."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise SpectralDiffusionError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise SpectralDiffusionError(f"device {device!r} requested but CUDA is not available here")
+    return resolved
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA (half the memory, tensor cores); fp32 on CPU, which has no fast half precision."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def load_base(
+    spec: str = "toy",
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
+    config: str | Path | None = None,
+) -> StableDiffusionPipeline:
+    """Load the base pipeline named by `spec` on `device` in `dtype`, safety checker off.
+
+    `config` is the diffusers config folder for a single file whose shapes differ from SD 1.5's.
+    """
+    target = resolve_device(device)
+    dtype = dtype or default_dtype(target)
+    pipe = _load(spec, dtype, allow_pickle, config)
+    pipe.to(target)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load(
+    spec: str, dtype: torch.dtype, allow_pickle: bool, config: str | Path | None
+) -> StableDiffusionPipeline:
+    if spec == "toy":
+        from spectral_diffusion.toyworld.model import MODEL_DIR
+
+        if not (MODEL_DIR / "model_index.json").is_file():
+            raise SpectralDiffusionError(
+                f"the bundled toy model is missing ({MODEL_DIR}): run `spectral-diffusion toyworld pretrain` "
+                "or pass --base with another model"
+            )
+        return _load_folder(MODEL_DIR, dtype)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _load_folder(path, dtype)
+    if path.is_file():
+        return _load_single_file(path, dtype, allow_pickle, config)
+    if _looks_like_path(spec):
+        raise SpectralDiffusionError(f"base model {spec!r} not found: no such file or folder")
+    return _load_hub(spec, dtype)
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else the user typed was meant as a path."""
+    return (
+        spec.startswith((".", "/", "~"))
+        or spec.count("/") > 1
+        or "\\" in spec
+        or Path(spec).suffix.lower() in (".safetensors", *PICKLE_SUFFIXES)
+    )
+
+
+def _load_folder(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise SpectralDiffusionError(f"{path} is a folder without model_index.json: not a diffusers pipeline")
+    try:
+        components = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SpectralDiffusionError(f"{index}: not valid JSON ({exc})") from exc
+    if not isinstance(components, dict):
+        raise SpectralDiffusionError(f"{index}: not a diffusers model index (expected a JSON object)")
+    missing = [c for c in _REQUIRED_COMPONENTS if c not in components]
+    if missing or "text_encoder_2" in components:
+        kind = components.get("_class_name", "an unknown pipeline")
+        raise SpectralDiffusionError(f"{path} holds {kind}, not a Stable Diffusion 1.x pipeline")
+    return _wrap_load_errors(
+        f"{path}", lambda: StableDiffusionPipeline.from_pretrained(path, dtype=dtype, **_NO_SAFETY), hint=""
+    )
+
+
+def _load_single_file(
+    path: Path, dtype: torch.dtype, allow_pickle: bool, config: str | Path | None
+) -> StableDiffusionPipeline:
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise SpectralDiffusionError(
+                f"{path}: {suffix} checkpoints are Python pickles that can run code when loaded; "
+                "use a .safetensors file, or pass --allow-pickle if you trust its source"
+            )
+    elif suffix == ".safetensors":
+        check_sd1_single_file(path)
+    else:
+        raise SpectralDiffusionError(f"{path}: unsupported file type {suffix!r} (expected .safetensors)")
+    config_dir = Path(config).expanduser() if config else SD15_CONFIG_DIR
+    if not (config_dir / "model_index.json").is_file():
+        raise SpectralDiffusionError(
+            f"--config {config_dir}: not a diffusers config folder (no model_index.json)"
+        )
+    hint = (
+        ""
+        if config
+        else "; if the model is not SD 1.5-shaped, pass --config with its diffusers config folder"
+    )
+    pipe = _wrap_load_errors(
+        f"{path} (config {config_dir})",
+        lambda: StableDiffusionPipeline.from_single_file(
+            str(path), config=str(config_dir), local_files_only=True, dtype=dtype, **_NO_SAFETY
+        ),
+        hint,
+    )
+    _check_fully_loaded(pipe, path, config_dir)
+    return pipe
+
+
+def _check_fully_loaded(pipe: StableDiffusionPipeline, path: Path, config_dir: Path) -> None:
+    """diffusers leaves weights missing from a single file on the meta device; refuse such a model."""
+    for name in ("unet", "vae", "text_encoder"):
+        empty = [k for k, v in getattr(pipe, name).state_dict().items() if v.is_meta]
+        if empty:
+            raise SpectralDiffusionError(
+                f"{path}: {len(empty)} {name} weights (e.g. {empty[0]}) are not in the file for the config "
+                f"{config_dir}; pass --config with the model's own diffusers config folder"
+            )
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype) -> StableDiffusionPipeline:
+    try:
+        return StableDiffusionPipeline.from_pretrained(repo_id, dtype=dtype, **_NO_SAFETY)
+    except OSError as exc:
+        raise SpectralDiffusionError(
+            f"base model {repo_id!r} is no local file or folder, and could not be fetched from the Hugging Face "
+            "Hub (offline, or no such model); pass a local diffusers folder or an SD 1.x .safetensors file"
+        ) from exc
+
+
+def _wrap_load_errors(
+    what: str, load: Callable[[], StableDiffusionPipeline], hint: str
+) -> StableDiffusionPipeline:
+    """Turn diffusers' shape / key / file errors for a local model into one clear line."""
+    try:
+        return load()
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if len(reason) > 200:
+            reason = reason[:200] + "..."
+        raise SpectralDiffusionError(f"could not load {what}: {reason}{hint}") from exc
+
+
+def add_base_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `--base` flags every command shares."""
+    group = parser.add_argument_group("base model")
+    group.add_argument(
+        "--base", default="toy", metavar="SPEC",
+        help="'toy' (bundled toy model), a diffusers folder, an SD 1.x .safetensors file or a hub id (default: toy)",
+    )  # fmt: skip
+    group.add_argument(
+        "--config", metavar="DIR", default=None,
+        help="diffusers config folder for a single file whose shapes differ from SD 1.5 (default: shipped SD 1.5)",
+    )  # fmt: skip
+    group.add_argument(
+        "--allow-pickle", action="store_true", help="allow .ckpt/.pt/.pth/.bin (pickle) checkpoints"
+    )
+    group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    group.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="weight precision (default: fp16 on CUDA, fp32 on CPU)",
+    )
+
+
+def load_base_from_args(args: argparse.Namespace) -> StableDiffusionPipeline:
+    """`load_base` with the flags added by `add_base_arguments`."""
+    return load_base(
+        args.base,
+        device=args.device,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        allow_pickle=args.allow_pickle,
+        config=args.config,
+    )

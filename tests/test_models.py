@@ -1,0 +1,159 @@
+"""Base-model loading (folders, single files, refusals), the single-file writer and the shipped SD 1.5 configs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    infer_diffusers_model_type,
+)
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from spectral_diffusion.adapters.targets import find_targets
+from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.models import SD15_CONFIG_DIR, add_base_arguments, load_base, load_base_from_args
+from spectral_diffusion.single_file import clip_to_ldm, unet_to_ldm, vae_to_ldm
+from spectral_diffusion.testing.tiny_sd import build_tiny_pipeline
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+def assert_same_weights(a, b) -> None:
+    for name in COMPONENTS:
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert sa.keys() == sb.keys(), name
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), f"{name}.{key}"
+
+
+def test_tiny_model_is_deterministic_and_every_target_fits_eight_rank4_bands():
+    a, b, other = build_tiny_pipeline(0), build_tiny_pipeline(0), build_tiny_pipeline(1)
+    assert_same_weights(a, b)
+    assert not torch.equal(a.unet.conv_in.weight, other.unet.conv_in.weight)
+    targets = find_targets(a.unet, a.text_encoder, "attn+ff")
+    assert (
+        len(targets) == 7 * 12 + 2 * 6
+    )  # 7 transformer blocks x (8 attn + 2 ff + proj_in/out) + 2 CLIP layers
+    for name, module in targets.items():
+        weight = module.weight
+        assert min(weight.shape[0], weight.shape[1]) >= 32, name
+    assert a.safety_checker is None
+
+
+def test_single_file_loads_the_same_weights_as_the_folder(tiny_model_dir, tiny_single_file):
+    folder = load_base(str(tiny_model_dir))
+    single = load_base(str(tiny_single_file), config=tiny_model_dir)
+    assert_same_weights(folder, single)
+    assert type(single.scheduler) is type(folder.scheduler)
+    assert single.tokenizer("a photo of a cat").input_ids == folder.tokenizer("a photo of a cat").input_ids
+    assert single.safety_checker is None and single.unet.dtype == torch.float32
+
+
+def test_single_file_holds_exactly_the_ldm_keys(tiny_model_dir, tiny_single_file):
+    keys = set(load_file(tiny_single_file))
+    pipe = load_base(str(tiny_model_dir))
+    n_params = sum(len(getattr(pipe, c).state_dict()) for c in COMPONENTS)
+    assert len(keys) == n_params
+    assert {k.split(".")[0] for k in keys} == {"model", "first_stage_model", "cond_stage_model"}
+    assert "model.diffusion_model.output_blocks.1.2.conv.weight" in keys  # upsampler after the attention
+    assert "first_stage_model.decoder.up.1.upsample.conv.weight" in keys  # LDM counts decoder levels upward
+
+
+def test_pickled_single_file_needs_allow_pickle(tmp_path, tiny_model_dir, tiny_single_file):
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": load_file(tiny_single_file)}, ckpt)
+    with pytest.raises(SpectralDiffusionError, match="--allow-pickle"):
+        load_base(str(ckpt), config=tiny_model_dir)
+    assert_same_weights(
+        load_base(str(ckpt), config=tiny_model_dir, allow_pickle=True), load_base(str(tiny_model_dir))
+    )
+
+
+def test_dtype_option_and_cli_arguments(tiny_model_dir, tiny_single_file):
+    parser = argparse.ArgumentParser()
+    add_base_arguments(parser)
+    assert parser.parse_args([]).base == "toy"
+    args = parser.parse_args(
+        ["--base", str(tiny_single_file), "--config", str(tiny_model_dir), "--dtype", "fp16"]
+    )
+    pipe = load_base_from_args(args)
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == torch.float16
+    assert pipe.device.type == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("{tmp}/missing.safetensors", "not found"),
+        ("./missing_folder", "not found"),
+        ("{tmp}", "without model_index.json"),
+        ("{tmp}/xl", "holds StableDiffusionXLPipeline, not a Stable Diffusion 1.x pipeline"),
+        ("{tmp}/model.bin", "pickles"),
+        ("{tmp}/notes.txt", "unsupported file type"),
+        ("{tmp}/lora.safetensors", "looks like a LoRA"),
+        ("{tmp}/broken.safetensors", "not a readable .safetensors"),
+        ("{model}/unet/diffusion_pytorch_model.safetensors", "not an SD 1.x single-file checkpoint"),
+        ("{single}", "pass --config"),  # tiny weights do not fit the shipped SD 1.5 config
+        ("some-org/some-model", "'some-org/some-model' is no local file or folder, and could not be fetched"),
+    ],
+)
+def test_refusals_are_one_clear_line(tmp_path, tiny_model_dir, tiny_single_file, spec, message):
+    (tmp_path / "xl").mkdir()
+    index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        **{c: ["x", "y"] for c in ("unet", "text_encoder_2")},
+    }
+    (tmp_path / "xl" / "model_index.json").write_text(json.dumps(index))
+    (tmp_path / "model.bin").write_bytes(b"\x80\x02")
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    save_file({"lora_unet_down.lora_up.weight": torch.zeros(2, 2)}, tmp_path / "lora.safetensors")
+    spec = spec.format(tmp=tmp_path, model=tiny_model_dir, single=tiny_single_file)
+    with pytest.raises(SpectralDiffusionError, match=message) as info:
+        load_base(spec)
+    assert "\n" not in str(info.value)
+
+
+def test_unavailable_device_is_refused(tiny_model_dir):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(SpectralDiffusionError, match="CUDA is not available"):
+        load_base(str(tiny_model_dir), device="cuda")
+
+
+def test_shipped_sd15_configs_match_sd15_and_round_trip_through_diffusers_converters():
+    """Build SD 1.5 on the meta device from the shipped configs: parameter counts are SD 1.5's, and the LDM
+    names this package writes are exactly what diffusers' single-file converters read back."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIG_DIR / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD15_CONFIG_DIR / "vae"))
+        clip = CLIPTextModel(CLIPTextConfig.from_pretrained(SD15_CONFIG_DIR / "text_encoder"))
+    counts = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, clip)]
+    assert counts == [859_520_964, 83_653_863, 123_060_480]
+    ldm = {**unet_to_ldm(unet), **vae_to_ldm(vae), **clip_to_ldm(clip)}
+    assert infer_diffusers_model_type(ldm) == "v1"
+    assert ldm["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
+    for model, converted in (
+        (unet, convert_ldm_unet_checkpoint(ldm, unet.config)),
+        (vae, convert_ldm_vae_checkpoint(ldm, vae.config)),
+        (clip, {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(ldm).items()}),
+    ):
+        state = model.state_dict()
+        assert converted.keys() == state.keys()
+        assert all(converted[k].shape == state[k].shape for k in state)
+
+
+def test_shipped_tokenizer_is_clips():
+    tokenizer = CLIPTokenizer.from_pretrained(SD15_CONFIG_DIR / "tokenizer")
+    assert len(tokenizer) == 49408 and tokenizer.model_max_length == 77
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    ids = tokenizer("A photograph of an astronaut riding a horse").input_ids
+    assert ids == [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]
