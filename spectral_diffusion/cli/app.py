@@ -1,0 +1,43 @@
+"""`spectral-diffusion app`: the web UI (generate with live concepts and regions, train, export) in a browser."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from spectral_diffusion.models import add_base_arguments
+
+EPILOG = """\
+Serves on http://127.0.0.1:7860 by default, reachable from this machine only. --host 0.0.0.0 opens it to the
+local network and --share creates a temporary public gradio.live link: anyone with the address can generate and
+train on this machine. Generated images (with A1111-style PNG metadata) and exports go to --output-dir.
+See docs/app.md.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "app", help="start the web UI", description=__doc__, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concepts-dir", type=Path, default=Path("concepts"),
+                   help="folder of concept files listed in the UI; new concepts are trained into it "
+                        "(default: ./concepts)")
+    p.add_argument("--output-dir", type=Path, default=Path("outputs"),
+                   help="where generated images and exported LoRAs are written (default: ./outputs)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
+    p.add_argument("--share", action="store_true", help="also create a temporary public link (off by default)")
+    add_base_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from spectral_diffusion.ui.app import launch
+    from spectral_diffusion.ui.backend import Backend, BaseModel
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    base = BaseModel.from_args(args)
+    backend = Backend(base.load(), base=base, concepts_dir=args.concepts_dir, output_dir=args.output_dir)
+    launch(backend, host=args.host, port=args.port, share=args.share)
+    return 0

@@ -1,0 +1,251 @@
+"""The app's state: one loaded pipeline with live concept composition, the concepts folder, one training job.
+
+Everything here is plain Python (no Gradio), so it can be driven and tested without a browser. The pipeline is
+shared by every browser session: a lock makes generations take turns (the app's queue also runs one at a time), and
+composition is only changed under that lock. Training loads its own copy of the base model in a background thread,
+so generating goes on while a concept trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffusers import StableDiffusionPipeline
+
+from spectral_diffusion.compose import Composer
+from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.export import Exported, export_lora, textual_inversion_path
+from spectral_diffusion.fusion import FusionReport, fuse, save_fused
+from spectral_diffusion.generation import GeneratedImage, GenerationSettings, generate, save_images
+from spectral_diffusion.models import DTYPES, load_base
+from spectral_diffusion.training.trainer import StepInfo, TrainConfig, train
+from spectral_diffusion.ui.concepts import ConceptInfo, list_concepts, read_concept_info
+from spectral_diffusion.ui.uploads import check_images, child_path
+
+log = logging.getLogger(__name__)
+
+INTERNAL_ERROR = "unexpected internal error (details are in the server log)"
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """How the base model was given on the command line, so training and fusion load the same model."""
+
+    spec: str = "toy"
+    config: str | None = None
+    allow_pickle: bool = False
+    device: str | None = None
+    dtype: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> BaseModel:
+        """From the flags `models.add_base_arguments` adds."""
+        return cls(spec=args.base, config=args.config, allow_pickle=args.allow_pickle, device=args.device,
+                   dtype=args.dtype)
+
+    def load(self) -> StableDiffusionPipeline:
+        """A fresh pipeline of this base model."""
+        return load_base(self.spec, device=self.device, dtype=DTYPES[self.dtype] if self.dtype else None,
+                         allow_pickle=self.allow_pickle, config=self.config)
+
+
+@dataclass
+class TrainingJob:
+    """A background training run and what the UI shows of it; fields are written by the job's thread only."""
+
+    name: str
+    steps: int
+    step: int = 0
+    loss: float | None = None
+    error: str | None = None
+    result: Path | None = None
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def describe(self) -> str:
+        """One line of status for the Train tab."""
+        if self.error is not None:
+            return f"Training {self.name} failed: {self.error}"
+        if self.result is not None:
+            return f"Trained {self.name}: {self.result.name} is in the concept list."
+        loss = f", loss {self.loss:.4f}" if self.loss is not None else ""
+        return f"Training {self.name}: step {self.step} of {self.steps}{loss}"
+
+
+class _StepCounter:
+    """Stands in for the tqdm bar a diffusers pipeline opens around its denoising loop (`update()` once a step)."""
+
+    def __init__(self, total: int, on_step: Callable[[int, int], None]) -> None:
+        self.total, self.step, self.on_step = total, 0, on_step
+
+    def __enter__(self) -> _StepCounter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        self.step += n
+        self.on_step(self.step, self.total)
+
+
+@contextmanager
+def report_steps(pipe: StableDiffusionPipeline, on_step: Callable[[int, int], None] | None) -> Iterator[None]:
+    """Call `on_step(step, total)` after each denoising step of `pipe` inside the block.
+
+    Every diffusers pipeline reports its steps through `self.progress_bar(total=...)`; shadowing that method on
+    this instance reaches the step loop without changing the sampling code.
+    """
+    if on_step is None:
+        yield
+        return
+    pipe.progress_bar = lambda iterable=None, total=None: _StepCounter(total, on_step)
+    try:
+        yield
+    finally:
+        del pipe.progress_bar
+
+
+class Backend:
+    """What the web UI calls: concepts, generation with live composition, training, fusion, LoRA export."""
+
+    def __init__(self, pipe: StableDiffusionPipeline, *, base: BaseModel, concepts_dir: str | Path,
+                 output_dir: str | Path) -> None:
+        self.pipe = pipe
+        self.base = base
+        self.concepts_dir = Path(concepts_dir).resolve()
+        self.output_dir = Path(output_dir).resolve()
+        self.concepts_dir.mkdir(parents=True, exist_ok=True)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.composer = Composer(pipe)
+        self.fingerprint = self.composer.fingerprint
+        self._pipe_lock = threading.Lock()
+        self._job_lock = threading.Lock()
+        self.job: TrainingJob | None = None
+
+    # ---- concepts ------------------------------------------------------------------------------------------
+
+    def concepts(self) -> list[ConceptInfo]:
+        return list_concepts(self.concepts_dir)
+
+    def concept(self, name: str) -> ConceptInfo:
+        path = child_path(self.concepts_dir, name, ".safetensors", what="concept name")
+        if not path.is_file():
+            raise SpectralDiffusionError(f"no concept {name!r} in {self.concepts_dir} (refresh the concept list)")
+        return read_concept_info(path)
+
+    # ---- generation ----------------------------------------------------------------------------------------
+
+    @property
+    def size_step(self) -> int:
+        """Image sides must be multiples of this: of the VAE's downsampling, and of 8 (diffusers checks that)."""
+        return math.lcm(8, self.pipe.vae_scale_factor)
+
+    def generate(self, settings: GenerationSettings, concepts: Mapping[str, float],
+                 on_step: Callable[[int, int], None] | None = None) -> list[tuple[Path, GeneratedImage]]:
+        """Compose `concepts` (name -> weight) live, sample, and save the PNGs (with metadata) to the output folder."""
+        step = self.size_step
+        if settings.size is not None and any(side % step for side in settings.size):
+            width, height = settings.size
+            raise SpectralDiffusionError(f"width and height must be multiples of {step}, got {width}x{height}")
+        paths = {self.concept(name).path: float(weight) for name, weight in concepts.items()}
+        with self._pipe_lock, report_steps(self.pipe, on_step):
+            self.composer.set_concepts(paths)
+            images = generate(self.pipe, settings, model=self.base.spec, concepts=dict(concepts))
+        return list(zip(save_images(images, self.output_dir / "images"), images, strict=True))
+
+    # ---- training ------------------------------------------------------------------------------------------
+
+    def start_training(self, photos: Sequence[str | Path], *, name: str, token: str, class_word: str,
+                       steps: int, rank: int = 8) -> TrainingJob:
+        """Check the request, then train `name` in a background thread; one job at a time per app."""
+        images = check_images(photos)
+        out = child_path(self.concepts_dir, name, ".safetensors", what="concept name")
+        if out.exists():
+            raise SpectralDiffusionError(f"a concept named {name!r} already exists; choose another name")
+        taken = next((c.name for c in self.concepts() if c.token == token.strip()), None)
+        if taken is not None:
+            raise SpectralDiffusionError(f"token {token.strip()!r} is already used by concept {taken!r}")
+        with self._job_lock:
+            if self.job is not None and self.job.running:
+                raise SpectralDiffusionError(f"{self.job.name} is still training; wait for it to finish")
+            folder = Path(tempfile.mkdtemp(prefix="spectral-diffusion-photos-"))
+            for i, image in enumerate(images):
+                shutil.copyfile(image, folder / f"{i:03d}{image.suffix.lower()}")
+            config = TrainConfig(photo_dir=folder, token=token.strip(), out=out, class_word=class_word.strip(),
+                                 base=self.base.spec, base_config=self.base.config,
+                                 allow_pickle=self.base.allow_pickle, device=self.base.device,
+                                 dtype=self.base.dtype, steps=int(steps), rank=int(rank),
+                                 concepts_dir=self.concepts_dir)
+            try:
+                config.check()
+            except SpectralDiffusionError:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            job = TrainingJob(name=name, steps=config.steps)
+            job.thread = threading.Thread(target=self._train, args=(job, config, folder), daemon=True,
+                                          name=f"train-{name}")
+            self.job = job
+            job.thread.start()
+        return job
+
+    @staticmethod
+    def _train(job: TrainingJob, config: TrainConfig, folder: Path) -> None:
+        def on_step(info: StepInfo) -> None:
+            job.step, job.loss = info.step, info.loss
+
+        try:
+            job.result = train(config, on_step=on_step)
+        except SpectralDiffusionError as exc:
+            job.error = str(exc)
+        except Exception:
+            log.exception("training %s failed", job.name)
+            job.error = INTERNAL_ERROR
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # ---- fusion and export -----------------------------------------------------------------------------------
+
+    def fuse(self, concepts: Mapping[str, float], method: str, fmt: str, out_name: str, *,
+             density: float = 0.5) -> tuple[FusionReport, list[Path]]:
+        """Fuse `concepts` (name -> weight) into a fresh copy of the base model, saved as `<output>/models/<name>`.
+
+        A fresh copy, because fusion rewrites weights in place and the app's pipeline carries live adapters.
+        """
+        if not concepts:
+            raise SpectralDiffusionError("choose at least one concept to fuse")
+        paths = [self.concept(name).path for name in concepts]
+        folder = self.output_dir / "models"
+        folder.mkdir(exist_ok=True)
+        out = _unused(child_path(folder, out_name, what="output name"))
+        pipe = self.base.load()
+        report = fuse(paths, pipe, method, list(concepts.values()), density=density)
+        return report, save_fused(pipe, report, out, fmt)
+
+    def export(self, name: str, fmt: str, out_name: str = "") -> Exported:
+        """Write concept `name` as a LoRA (+ its token embedding) to `<output>/loras/<out_name>.safetensors`."""
+        concept = self.concept(name)
+        folder = self.output_dir / "loras"
+        folder.mkdir(exist_ok=True)
+        out = _unused(child_path(folder, out_name.strip() or f"{name}_{fmt}", ".safetensors", what="output name"))
+        _unused(textual_inversion_path(out))
+        return export_lora(concept.path, out, fmt)
+
+
+def _unused(path: Path) -> Path:
+    """`path`, if nothing is there yet: the app never overwrites (the CLI's --overwrite is not offered here)."""
+    if path.exists():
+        raise SpectralDiffusionError(f"{path.name} already exists in {path.parent}; choose another output name")
+    return path
