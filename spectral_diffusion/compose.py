@@ -1,0 +1,103 @@
+"""Live composition: several concept files on one loaded pipeline, with weights, without merging.
+
+Each concept becomes one named adapter in the core's `AdapterLayer` wrappers, at scale = its weight, so the output is
+`W x + sum_i w_i dW_i x`: what `fusion.fuse(..., method="spectral")` bakes into the weights, to float rounding.
+Changing a weight is a `set_scale` on each wrapper (microseconds); adding or removing one concept touches only
+that concept's adapter and the tokens. Loaded concept files are cached (by path, size and modification time).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffusers import StableDiffusionPipeline
+
+from spectral_diffusion.adapters.inject import load_adapter, remove_adapters
+from spectral_diffusion.adapters.layers import AdapterLayer
+from spectral_diffusion.concept_file import Concept, load_concept
+from spectral_diffusion.fingerprint import base_fingerprint
+from spectral_diffusion.fusion import add_tokens, check_concepts
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    concept: Concept
+    stamp: tuple[int, int]  # (size, mtime_ns) of the file when read
+    adapter: str  # adapter name in the wrappers
+
+
+@dataclass
+class _Live:
+    entry: _Loaded
+    weight: float
+    layers: list[AdapterLayer]  # the wrappers holding its adapter
+
+
+class Composer:
+    """Keeps a pipeline's live concept set equal to the last `set_concepts` call.
+
+    New concepts' tokens are appended; removing a concept rebuilds the tokens from a pristine copy of the tokenizer,
+    so its token really disappears (tokenizers cannot forget an added token) and the embedding matrix shrinks.
+    `allow_overlap` lets spectral concepts that share SVD columns be composed (they interfere); default refuses.
+    """
+
+    def __init__(self, pipe: StableDiffusionPipeline, *, allow_overlap: bool = False) -> None:
+        self.pipe = pipe
+        self.allow_overlap = allow_overlap
+        self.fingerprint = base_fingerprint(pipe.unet, pipe.text_encoder)
+        self._tokenizer = copy.deepcopy(pipe.tokenizer)
+        self._cache: dict[Path, _Loaded] = {}
+        self._live: dict[Path, _Live] = {}
+        self._count = 0
+
+    @property
+    def concepts(self) -> dict[Path, float]:
+        """The live concepts (resolved paths) and their weights."""
+        return {path: live.weight for path, live in self._live.items()}
+
+    def set_concepts(self, concepts: Mapping[str | Path, float]) -> None:
+        """Make exactly `concepts` (path -> weight) live. Every check runs before the pipeline changes."""
+        wanted = {Path(p).expanduser().resolve(): float(w) for p, w in concepts.items()}
+        entries = {path: self._load(path) for path in wanted}
+        removed = [p for p, live in self._live.items() if entries.get(p) is not live.entry]  # gone, or file changed
+        if any(p not in self._live or p in removed for p in wanted):  # a subset of a checked set needs no check
+            check_concepts([(e.concept, str(p)) for p, e in entries.items()], self.fingerprint, self._tokenizer,
+                           check_bands=True, allow_overlap=self.allow_overlap)
+        for path in removed:
+            live = self._live.pop(path)
+            for layer in live.layers:
+                layer.remove_adapter(live.entry.adapter)
+        added = [p for p in wanted if p not in self._live]
+        for path, weight in wanted.items():
+            entry = entries[path]
+            if path in added:
+                wrappers = load_adapter(self.pipe.unet, self.pipe.text_encoder, entry.concept.meta.variant,
+                                        entry.concept.layers, name=entry.adapter, scale=weight)
+                self._live[path] = _Live(entry, weight, list(wrappers.values()))
+            elif self._live[path].weight != weight:
+                for layer in self._live[path].layers:
+                    layer.set_scale(entry.adapter, weight)
+                self._live[path].weight = weight
+        if removed:  # a tokenizer cannot forget a token: start again from the pristine copy
+            self.pipe.tokenizer = copy.deepcopy(self._tokenizer)
+        if removed or added:
+            add_tokens(self.pipe, [entries[p].concept for p in (wanted if removed else added)])
+        if not wanted:
+            remove_adapters(self.pipe.unet, self.pipe.text_encoder)
+
+    def clear(self) -> None:
+        """Back to the plain base model."""
+        self.set_concepts({})
+
+    def _load(self, path: Path) -> _Loaded:
+        """The cached concept at `path`, reread (as a new adapter) if the file changed since."""
+        stat = path.stat() if path.is_file() else None
+        stamp = (stat.st_size, stat.st_mtime_ns) if stat else (-1, -1)
+        cached = self._cache.get(path)
+        if cached is None or cached.stamp != stamp:
+            self._count += 1
+            cached = self._cache[path] = _Loaded(load_concept(path), stamp, f"concept{self._count}")
+        return cached

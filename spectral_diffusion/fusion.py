@@ -1,0 +1,529 @@
+"""Fusing many concept files into one pipeline's weights: the exact spectral sum, and honest baselines.
+
+`spectral` (default) adds `sum_i w_i dW_i` for Spectral Adapter concepts in disjoint SVD bands; the factors come from
+each concept file (`Concept.delta_factors`), never from a recomputed SVD. Disjoint bands are what keeps one concept
+from overwriting another, so overlapping bands, another base model and duplicate tokens are refused.
+
+Baselines, for the quality benchmark (they accept every adapter variant):
+- `sum`: task arithmetic, `W0 + sum_i w_i dW_i` without the band checks.
+- `mean`: every delta scaled by `1/N`, what the paper's reference code does (identity fades as N grows).
+- `ties`: TIES-merging: trim each delta to its top `density` fraction by magnitude, elect each entry's sign by the
+  summed mass, average the deltas that agree with it.
+- `dare`: DARE: drop each entry with probability `1 - density` (seeded), rescale the rest by `1/density`, sum.
+- `gradient`: Mix-of-Show's gradient fusion `min_W sum_i ||W X_i - (W0 + w_i dW_i) X_i||^2`, with `X_i` the layer
+  inputs recorded while concept `i`'s model encodes and samples its prompts. Solved per layer in closed form from
+  Gram matrices accumulated by forward hooks (no activation is stored), with a small ridge towards `W0`:
+  `W = W0 + (sum_i w_i dW_i G_i)(sum_i G_i + lambda I)^-1`, `G_i = X_i X_i^T`, `lambda = ridge * tr(sum G) / in`.
+  The reference implementation runs LBFGS on stored activations for minutes per layer; this is one solve.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import save_file
+from torch import nn
+
+from spectral_diffusion.adapters.config import SPECTRAL_VARIANTS
+from spectral_diffusion.adapters.inject import adapter_layers, load_adapter, remove_adapters
+from spectral_diffusion.adapters.layers import Factors, layer_generator, unwrap
+from spectral_diffusion.adapters.targets import adaptable_layers
+from spectral_diffusion.bands import weight_matrix
+from spectral_diffusion.concept_file import Concept, ConceptMeta, load_concept
+from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.export import lora_state_dict
+from spectral_diffusion.fingerprint import base_fingerprint
+from spectral_diffusion.single_file import CLIP_PREFIX, pipeline_to_ldm
+from spectral_diffusion.tokens import add_concept_tokens, check_new_token, token_ids
+
+METHODS = ("spectral", "mean", "sum", "ties", "dare", "gradient")
+LOW_RANK_METHODS = ("spectral", "sum", "mean")  # exact sums of factors: also writable as one LoRA
+OUTPUT_FORMATS = ("diffusers", "single-file", "lora")
+FUSION_JSON = "fusion.json"
+FUSION_FORMAT_VERSION = 1
+RECORD_TEMPLATES = ("a photo of {}", "{}", "a close-up photo of {}", "{} in the city")
+
+
+# ---- the math, on plain tensors ------------------------------------------------------------------------------
+
+
+def ties_merge(deltas: Sequence[torch.Tensor], density: float) -> torch.Tensor:
+    """TIES-merging of (already weighted) dense deltas: trim, elect sign, disjoint mean."""
+    trimmed = []
+    for delta in deltas:
+        keep = max(1, round(density * delta.numel()))
+        threshold = delta.abs().flatten().kthvalue(delta.numel() - keep + 1).values
+        trimmed.append(torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta)))
+    stack = torch.stack(trimmed)
+    sign = torch.sign(stack.sum(0))
+    agree = (torch.sign(stack) == sign) & (stack != 0)
+    return (stack * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def dare_merge(deltas: Sequence[torch.Tensor], density: float,
+               generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """DARE: keep each entry with probability `density` (one generator per delta), rescale by `1/density`, sum."""
+    merged = torch.zeros_like(deltas[0])
+    for delta, gen in zip(deltas, generators, strict=True):
+        keep = torch.rand(delta.shape, generator=gen, dtype=torch.float32) < density
+        merged += torch.where(keep.to(delta.device), delta / density, torch.zeros_like(delta))
+    return merged
+
+
+@dataclass
+class GradientStats:
+    """Sufficient statistics of one layer's gradient-fusion objective, in the delta `D = W - W0`.
+
+    `sum_i ||(D - dW_i) X_i||^2 = tr(D S D^T) - 2 tr(D A^T) + C` with `S = sum_i G_i`, `A = sum_i dW_i G_i`,
+    `C = sum_i tr(dW_i G_i dW_i^T)`: enough to solve and to score any candidate `D` without the activations.
+    """
+
+    gram: torch.Tensor  # S [in, in]
+    cross: torch.Tensor  # A [out, in]
+    const: float = 0.0
+
+    @classmethod
+    def zeros(cls, out_features: int, in_features: int, device: torch.device) -> GradientStats:
+        return cls(torch.zeros(in_features, in_features, device=device),
+                   torch.zeros(out_features, in_features, device=device))
+
+    def add(self, gram: torch.Tensor, delta: Factors | None) -> None:
+        """Fold in one concept's Gram matrix `G_i` and its (weighted) delta factors (None: it leaves W0 alone)."""
+        self.gram += gram
+        if delta is not None:
+            up, down = delta
+            projected = down @ gram  # [k, in]
+            self.cross += up @ projected
+            self.const += float(((projected @ down.mT) * (up.mT @ up)).sum())
+
+    def objective(self, delta: torch.Tensor) -> float:
+        """The summed squared output error of weight `W0 + delta` over every concept's recorded inputs."""
+        d, s, a = delta.double(), self.gram.double(), self.cross.double()
+        return float(((d @ s) * d).sum() - 2 * (d * a).sum()) + self.const
+
+    def solve(self, ridge: float) -> torch.Tensor:
+        """The minimising `D = A (S + lambda I)^-1` (fp32), `lambda = ridge * tr(S) / in`; zero if no input."""
+        s = self.gram.double()
+        scale = float(s.diagonal().mean())
+        if scale <= 0:
+            return torch.zeros_like(self.cross)
+        s.diagonal().add_(ridge * scale)
+        chol = torch.linalg.cholesky(s)
+        return torch.cholesky_solve(self.cross.double().mT, chol).mT.float()
+
+
+# ---- concepts ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FusedConcept:
+    """One fused concept as `fusion.json` records it."""
+
+    path: str | None
+    token: str
+    token_names: list[str]
+    variant: str
+    rank: int
+    band: int | None
+    base_fingerprint: str
+    weight: float
+
+
+@dataclass
+class FusionReport:
+    """What `fuse` did. `low_rank` (not serialised) is the exact merged delta per layer for LoRA output."""
+
+    method: str
+    concepts: list[FusedConcept]
+    base_fingerprint: str
+    layers: int
+    seconds: float
+    options: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    low_rank: dict[str, Factors] | None = field(default=None, repr=False)
+
+    @property
+    def weights(self) -> list[float]:
+        return [c.weight for c in self.concepts]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["low_rank"]
+        return {"format_version": FUSION_FORMAT_VERSION, **data, "weights": self.weights}
+
+    def summary(self) -> str:
+        names = ", ".join(f"{c.token} x{c.weight:g}" for c in self.concepts)
+        return f"fused {len(self.concepts)} concepts ({names}) with {self.method} into {self.layers} layers " \
+               f"in {self.seconds:.2f} s"
+
+
+def load_concepts(sources: Sequence[Concept | str | Path]) -> list[tuple[Concept, str | None]]:
+    """Concept objects with the path each came from (None for in-memory concepts)."""
+    return [(s, None) if isinstance(s, Concept) else (load_concept(s), str(s)) for s in sources]
+
+
+def _label(path: str | None, meta: ConceptMeta) -> str:
+    return f"{Path(path).name} ({meta.token})" if path else meta.token
+
+
+def check_concepts(concepts: Sequence[tuple[Concept, str | None]], fingerprint: str, tokenizer: Any, *,
+                   check_bands: bool, allow_overlap: bool = False) -> None:
+    """Refuse concepts of another base model, tokens used twice or already in `tokenizer`, and (with
+    `check_bands`) spectral concepts sharing singular-vector columns; `allow_overlap` turns that into a warning."""
+    seen: dict[str, str] = {}
+    for concept, path in concepts:
+        meta, label = concept.meta, _label(path, concept.meta)
+        if meta.base_fingerprint != fingerprint:
+            raise SpectralDiffusionError(
+                f"concept {label} was trained on base model {meta.base_fingerprint}, but the loaded base is "
+                f"{fingerprint}; load the base it was trained on")
+        for name in meta.token_names:
+            if name in seen:
+                raise SpectralDiffusionError(f"concepts {seen[name]} and {label} both use the token {name!r}")
+            seen[name] = label
+        check_new_token(tokenizer, meta.token, len(meta.token_names))
+    if not check_bands:
+        return
+    spectral = [(c, p) for c, p in concepts if c.meta.variant in SPECTRAL_VARIANTS]
+    for i, (a, path_a) in enumerate(spectral):
+        for b, path_b in spectral[i + 1:]:
+            lo = max(a.meta.band * a.meta.rank, b.meta.band * b.meta.rank)
+            hi = min((a.meta.band + 1) * a.meta.rank, (b.meta.band + 1) * b.meta.rank)
+            if lo >= hi:
+                continue
+            message = (f"concepts {_label(path_a, a.meta)} (band {a.meta.band}, rank {a.meta.rank}) and "
+                       f"{_label(path_b, b.meta)} (band {b.meta.band}, rank {b.meta.rank}) share singular-vector "
+                       f"columns [{lo}, {hi})")
+            if not allow_overlap:
+                raise SpectralDiffusionError(
+                    message + "; retrain one in a free band, or pass --allow-overlap to add them anyway")
+            warnings.warn(message + ": they will interfere (--allow-overlap)", stacklevel=3)
+
+
+def add_tokens(pipe: StableDiffusionPipeline, concepts: Sequence[Concept]) -> None:
+    """Add the concepts' tokens and embedding rows to the pipeline's tokenizer and text encoder.
+
+    The embedding matrix is sized once up front, so `add_concept_tokens` finds its rows already there.
+    """
+    resize_embeddings(pipe.text_encoder, len(pipe.tokenizer) + sum(len(c.meta.token_names) for c in concepts))
+    for concept in concepts:
+        add_concept_tokens(pipe.tokenizer, pipe.text_encoder, concept.meta.token, concept.token_embeddings)
+
+
+def resize_embeddings(text_encoder: nn.Module, rows: int) -> None:
+    """Keep the first `rows` token-embedding rows; rows beyond the old ones are left uninitialised for the caller.
+
+    transformers' own resize draws a random init for the whole new matrix, ~1 s for CLIP's 49k rows on a CPU,
+    which would dominate adding or removing a concept.
+    """
+    old = text_encoder.get_input_embeddings().weight
+    if old.shape[0] == rows:
+        return
+    new = old.new_empty(rows, old.shape[1])
+    kept = min(rows, old.shape[0])
+    new[:kept] = old[:kept].detach()
+    text_encoder.get_input_embeddings().weight = nn.Parameter(new, requires_grad=old.requires_grad)
+    text_encoder.resize_token_embeddings(rows)  # same size now: only updates num_embeddings and the config
+
+
+# ---- fusing ------------------------------------------------------------------------------------------------
+
+
+def fuse(concepts: Sequence[Concept | str | Path], pipe: StableDiffusionPipeline, method: str = "spectral",
+         weights: Sequence[float] | None = None, *, allow_overlap: bool = False, seed: int = 0,
+         density: float = 0.5, ridge: float = 1e-4, record_steps: int = 4,
+         record_size: int | None = None) -> FusionReport:
+    """Merge `concepts` into `pipe`'s UNet / text-encoder weights in place and add all their tokens.
+
+    `density`: fraction of entries kept by `ties` / `dare`; `seed`: DARE's drop pattern and gradient fusion's
+    sampling noise; `ridge`, `record_steps`, `record_size` (px, default the model's native size): gradient fusion.
+    Every check runs before the pipeline is touched.
+    """
+    start = time.perf_counter()
+    weights = [1.0] * len(concepts) if weights is None else [float(w) for w in weights]
+    _check_request(method, len(concepts), weights, density)
+    if adapter_layers(pipe.unet, pipe.text_encoder):
+        raise SpectralDiffusionError("the pipeline has live adapters; fuse into a plain base model")
+    loaded = load_concepts(concepts)
+    if method == "spectral":
+        other = [f"{_label(p, c.meta)} is {c.meta.variant}" for c, p in loaded if c.meta.variant not in SPECTRAL_VARIANTS]
+        if other:
+            raise SpectralDiffusionError(
+                f"spectral fusion needs additive or rotational concepts ({'; '.join(other)}); use --method sum")
+    fingerprint = base_fingerprint(pipe.unet, pipe.text_encoder)
+    check_concepts(loaded, fingerprint, pipe.tokenizer, check_bands=method == "spectral", allow_overlap=allow_overlap)
+    modules = adaptable_layers(pipe.unet, pipe.text_encoder)
+    scale = 1 / len(loaded) if method == "mean" else 1.0
+    factors = _weighted_factors(loaded, weights, scale, modules)
+
+    add_tokens(pipe, [concept for concept, _ in loaded])
+    options: dict[str, Any] = {}
+    if method in ("ties", "dare"):
+        options["density"] = density
+    if method in ("dare", "gradient"):
+        options["seed"] = seed
+    timings: dict[str, float] = {}
+    stats: dict[str, GradientStats] = {}
+    if method == "gradient":
+        options.update(ridge=ridge, record_steps=record_steps, record_size=record_size)
+        recording = time.perf_counter()
+        stats = record_gradient_stats(pipe, loaded, weights, factors, steps=record_steps, size=record_size,
+                                      seed=seed)
+        timings["record"] = time.perf_counter() - recording
+    merging = time.perf_counter()
+    with torch.no_grad():
+        for name, per in factors.items():
+            weight = weight_matrix(unwrap(modules[name]))
+            delta = stats[name].solve(ridge) if stats else merged_delta(method, name, per, density=density, seed=seed)
+            weight += delta.to(weight.dtype)
+    timings["solve" if stats else "merge"] = time.perf_counter() - merging
+    low_rank = None
+    if method in LOW_RANK_METHODS:
+        low_rank = {name: _concat([f for f in per if f is not None]) for name, per in factors.items()}
+    seconds = time.perf_counter() - start
+    timings["total"] = seconds
+    fused = [FusedConcept(p, c.meta.token, list(c.meta.token_names), c.meta.variant, c.meta.rank, c.meta.band,
+                          c.meta.base_fingerprint, w) for (c, p), w in zip(loaded, weights, strict=True)]
+    return FusionReport(method, fused, fingerprint, len(factors), seconds, options, timings, low_rank)
+
+
+def _check_request(method: str, count: int, weights: Sequence[float], density: float) -> None:
+    if method not in METHODS:
+        raise SpectralDiffusionError(f"unknown fusion method {method!r}; choose one of {', '.join(METHODS)}")
+    if not count:
+        raise SpectralDiffusionError("nothing to fuse: give at least one concept file")
+    if len(weights) != count:
+        raise SpectralDiffusionError(f"{len(weights)} weights given for {count} concepts")
+    if method in ("ties", "dare") and not 0 < density <= 1:
+        raise SpectralDiffusionError(f"density must be in (0, 1], got {density:g}")
+
+
+def merged_delta(method: str, name: str, per_concept: Sequence[Factors | None], *, density: float = 0.5,
+                 seed: int = 0) -> torch.Tensor:
+    """The dense fp32 weight change of layer `name` under a non-gradient method, from each concept's weighted
+    factors (None where a concept leaves the layer alone)."""
+    present = [(i, f) for i, f in enumerate(per_concept) if f is not None]
+    if method in LOW_RANK_METHODS:
+        up, down = _concat([f for _, f in present])
+        return up @ down
+    dense = [up @ down for _, (up, down) in present]
+    if method == "ties":
+        return ties_merge(dense, density)
+    if method == "dare":
+        return dare_merge(dense, density, [layer_generator(seed, f"{name}#{i}") for i, _ in present])
+    raise ValueError(f"{method} is not a closed-form merge")
+
+
+def _weighted_factors(concepts: Sequence[tuple[Concept, str | None]], weights: Sequence[float], scale: float,
+                      modules: Mapping[str, nn.Module]) -> dict[str, list[Factors | None]]:
+    """Per layer, each concept's `(w_i * scale * up, down)` on the layer's device, or None where it has no delta."""
+    out: dict[str, list[Factors | None]] = {}
+    for i, ((concept, path), weight) in enumerate(zip(concepts, weights, strict=True)):
+        for name in concept.layers:
+            if name not in modules:
+                raise SpectralDiffusionError(
+                    f"concept {_label(path, concept.meta)} adapts layer {name}, which this base model lacks")
+            target = weight_matrix(unwrap(modules[name]))
+            up, down = concept.delta_factors(name)
+            if (up.shape[0], down.shape[1]) != tuple(target.shape):
+                raise SpectralDiffusionError(
+                    f"concept {_label(path, concept.meta)}: layer {name} is {tuple(target.shape)} in this base "
+                    f"model but {up.shape[0]}x{down.shape[1]} in the concept")
+            out.setdefault(name, [None] * len(concepts))[i] = (
+                (weight * scale * up).to(target.device), down.to(target.device))
+    return dict(sorted(out.items()))
+
+
+def _concat(factors: Sequence[Factors]) -> Factors:
+    return torch.cat([u for u, _ in factors], dim=1), torch.cat([d for _, d in factors], dim=0)
+
+
+def record_prompts(meta: ConceptMeta) -> list[str]:
+    """The prompts gradient fusion records a concept's layer inputs on: its token (and class word) in templates."""
+    subject = f"{meta.token} {meta.class_word}".strip()
+    return [t.format(subject) for t in RECORD_TEMPLATES]
+
+
+def record_gradient_stats(pipe: StableDiffusionPipeline, concepts: Sequence[tuple[Concept, str | None]],
+                          weights: Sequence[float], factors: Mapping[str, Sequence[Factors | None]], *,
+                          steps: int = 4, size: int | None = None, seed: int = 0) -> dict[str, GradientStats]:
+    """Gradient-fusion statistics of every layer in `factors`: for each concept, run its own model (the concept
+    as a live adapter at its weight) on its prompts — text encoding, then `steps` CFG sampling steps — while forward
+    hooks accumulate each layer's input Gram matrix, then fold it into `S`, `A`, `C` and drop it.
+
+    The pipeline must hold the concepts' tokens and no adapters; it is left as it was found.
+    """
+    side = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    stats: dict[str, GradientStats] = {}
+    for i, ((concept, _), weight) in enumerate(zip(concepts, weights, strict=True)):
+        load_adapter(pipe.unet, pipe.text_encoder, concept.meta.variant, concept.layers, name="fusion", scale=weight)
+        try:
+            modules = adaptable_layers(pipe.unet, pipe.text_encoder)
+            recorder = _GramRecorder({name: modules[name] for name in factors})
+            try:
+                pipe(prompt=record_prompts(concept.meta), num_inference_steps=steps, guidance_scale=7.5,
+                     height=side, width=side, output_type="latent", generator=torch.Generator().manual_seed(seed))
+            finally:
+                recorder.remove()
+        finally:
+            remove_adapters(pipe.unet, pipe.text_encoder)
+        for name, gram in recorder.grams.items():
+            if name not in stats:
+                stats[name] = GradientStats.zeros(weight_matrix(unwrap(modules[name])).shape[0], gram.shape[0], gram.device)
+            stats[name].add(gram, factors[name][i])
+    return stats
+
+
+class _GramRecorder:
+    """Forward pre-hooks that accumulate each layer's input Gram matrix `X^T X` (fp32, channels last).
+
+    No activation is kept beyond the hook call, except the last input seen: layers fed the very same tensor (q/k/v
+    of one attention, to_k/to_v of a cross-attention) reuse its product instead of recomputing it.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        self.grams: dict[str, torch.Tensor] = {}
+        self._last: tuple[torch.Tensor, bool, torch.Tensor] | None = None
+        self._handles = []
+        for name, module in modules.items():
+            weight = weight_matrix(unwrap(module))
+            self.grams[name] = torch.zeros(weight.shape[1], weight.shape[1], device=weight.device)
+            conv = isinstance(unwrap(module), nn.Conv2d)
+            self._handles.append(module.register_forward_pre_hook(
+                lambda _module, args, name=name, conv=conv: self._record(name, args[0].detach(), conv)))
+
+    def _record(self, name: str, x: torch.Tensor, channels_first: bool) -> None:
+        if self._last is None or self._last[0] is not x or self._last[1] != channels_first:
+            rows = (x.movedim(-3, -1) if channels_first else x).reshape(-1, self.grams[name].shape[0]).float()
+            self._last = (x, channels_first, rows.mT @ rows)
+        self.grams[name] += self._last[2]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._last = None
+
+
+# ---- writing the result ------------------------------------------------------------------------------------
+
+
+def save_fused(pipe: StableDiffusionPipeline, report: FusionReport, out: str | Path, fmt: str = "diffusers", *,
+               lora_format: str = "peft", overwrite: bool = False) -> list[Path]:
+    """Write the fused model into the folder `out` (atomically: a temp folder renamed into place); return the
+    main files written.
+
+    - `diffusers`: a pipeline folder (`StableDiffusionPipeline.from_pretrained` loads it, tokens included);
+    - `single-file`: `<out name>.safetensors`, an SD 1.x LDM checkpoint; an LDM file has no place for new tokens,
+      so each concept's embedding goes beside it in `embeddings/` (textual-inversion files, as A1111 reads them);
+    - `lora`: `<out name>.safetensors`, one LoRA holding the exact merged delta (low-rank methods only), plus
+      `embeddings/`.
+    Every format also writes `fusion.json` (concepts, tokens, bands, fingerprints, weights, method).
+    """
+    out = Path(out)
+    if fmt not in OUTPUT_FORMATS:
+        raise SpectralDiffusionError(f"unknown output format {fmt!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
+    check_output(out, overwrite)
+    if fmt == "lora" and report.low_rank is None:
+        raise SpectralDiffusionError(
+            f"--format lora needs a method whose result is an exact sum of factors ({', '.join(LOW_RANK_METHODS)}); "
+            f"{report.method} gives dense weight changes: write diffusers or single-file")
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        written = _write(pipe, report, tmp, fmt, out.name, lora_format)
+        (tmp / FUSION_JSON).write_text(json.dumps({**report.to_dict(), "output_format": fmt}, indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.old")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return [out / p.relative_to(tmp) for p in written]
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless `overwrite` (checked before the slow work, and again when writing)."""
+    if out.exists() and not overwrite:
+        raise SpectralDiffusionError(f"{out} already exists (pass --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise SpectralDiffusionError(f"{out} exists and is not a folder; fused models are written as folders")
+
+
+def _write(pipe: StableDiffusionPipeline, report: FusionReport, folder: Path, fmt: str, name: str,
+           lora_format: str) -> list[Path]:
+    if fmt == "diffusers":
+        pipe.save_pretrained(folder)
+        return [folder / "model_index.json"]
+    main = folder / f"{name}.safetensors"
+    if fmt == "single-file":
+        save_file(_ldm_without_new_tokens(pipe, report), main, metadata={"format": "pt"})
+    else:
+        tensors = lora_state_dict(_as_lora_concept(report), lora_format)
+        meta = {"method": report.method, "base_fingerprint": report.base_fingerprint,
+                "concepts": [c.token for c in report.concepts], "weights": report.weights}
+        save_file(tensors, main, metadata={"format": "pt", "spectral_diffusion_fusion": json.dumps(meta)})
+    return [main, *_write_embeddings(pipe, report, folder / "embeddings")]
+
+
+def _ldm_without_new_tokens(pipe: StableDiffusionPipeline, report: FusionReport) -> dict[str, torch.Tensor]:
+    """The fused pipeline as an SD 1.x LDM state dict, with the token-embedding matrix cut back to the base
+    vocabulary: A1111 / ComfyUI build the text encoder at the base size and refuse extra rows."""
+    state = pipeline_to_ldm(pipe)
+    key = CLIP_PREFIX + "embeddings.token_embedding.weight"
+    ids = sorted(token_ids(pipe.tokenizer, [n for c in report.concepts for n in c.token_names]))
+    if ids != list(range(ids[0], state[key].shape[0])):
+        raise RuntimeError(f"concept tokens are not the last rows of the embedding matrix: {ids}")
+    state[key] = state[key][: ids[0]].clone()
+    return state
+
+
+def _as_lora_concept(report: FusionReport) -> Concept:
+    """The merged factors as a `lora` concept, so export.py's key writer produces the LoRA file."""
+    layers = {name: {"up": up.float().cpu(), "down": down.float().cpu()} for name, (up, down) in report.low_rank.items()}
+    meta = ConceptMeta(variant="lora", rank=max(d.shape[0] for _, d in report.low_rank.values()), band=None,
+                       targets="fused", base_fingerprint=report.base_fingerprint, token="", token_names=[])
+    return Concept(meta, layers, torch.zeros(0, 0))
+
+
+def _write_embeddings(pipe: StableDiffusionPipeline, report: FusionReport, folder: Path) -> list[Path]:
+    """One textual-inversion file per concept, `{token: [n_vectors, dim]}` as export.py writes them, named after
+    the token without brackets (A1111 uses the file name as the trigger word)."""
+    folder.mkdir()
+    weight = pipe.text_encoder.get_input_embeddings().weight.detach()
+    paths = []
+    for concept in report.concepts:
+        rows = weight[token_ids(pipe.tokenizer, concept.token_names)].float().cpu().contiguous()
+        path = folder / f"{_file_stem(concept.token)}.safetensors"
+        save_file({concept.token.lower(): rows}, path, metadata={"format": "pt"})
+        paths.append(path)
+    return paths
+
+
+def _file_stem(token: str) -> str:
+    stem = "".join(c for c in token if c.isalnum() or c in "-_.")
+    return stem or "token"
+
+
+def read_fusion_json(model_dir: str | Path) -> dict[str, Any] | None:
+    """The `fusion.json` of a fused model folder, or None for a model that is not a fusion result."""
+    path = Path(model_dir) / FUSION_JSON
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SpectralDiffusionError(f"{path}: not valid JSON ({exc})") from exc

@@ -1,0 +1,204 @@
+"""Generation: seeded sampling with a named scheduler, optional regional prompts, PNGs with A1111 metadata.
+
+Image `i` of a run with seed `S` is drawn with its own generator seeded `S + i` (as A1111 does), so any single image
+can be reproduced alone from the seed written in its PNG. The `parameters` text chunk uses A1111's layout so the
+images read back in A1111, ComfyUI and civitai tools:
+
+    <prompt>
+    Negative prompt: <negative>
+    Steps: 20, Sampler: DPM++ 2M, CFG scale: 7, Seed: 1, Size: 64x64, Model: toy, Concepts: "<dogA>: 1"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.regional import Region, regional_prompting
+
+# CLI name -> (diffusers class, config overrides, A1111 sampler name).
+SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict, str]] = {
+    "ddim": (DDIMScheduler, {}, "DDIM"),
+    "euler": (EulerDiscreteScheduler, {}, "Euler"),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}, "Euler a"),
+    "heun": (HeunDiscreteScheduler, {}, "Heun"),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}, "DPM++ 2M"),
+    "dpm++_karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True},
+                     "DPM++ 2M Karras"),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}, "PLMS"),
+    "unipc": (UniPCMultistepScheduler, {}, "UniPC"),
+}
+
+
+def make_scheduler(name: str, config: Mapping) -> SchedulerMixin:
+    """A scheduler of kind `name` built from a pipeline's scheduler config (betas, prediction type, ...)."""
+    if name not in SCHEDULERS:
+        raise SpectralDiffusionError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    cls, overrides, _ = SCHEDULERS[name]
+    return cls.from_config(config, **overrides)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything that decides an image besides the model. `size` is (width, height); None: the model's native."""
+
+    prompt: str
+    negative: str = ""
+    steps: int = 20
+    guidance: float = 7.0
+    scheduler: str = "dpm++"
+    seed: int = 0
+    size: tuple[int, int] | None = None
+    n: int = 1
+    regions: Sequence[Region] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise SpectralDiffusionError(f"steps must be >= 1, got {self.steps}")
+        if self.n < 1:
+            raise SpectralDiffusionError(f"the number of images must be >= 1, got {self.n}")
+        if self.guidance < 0:
+            raise SpectralDiffusionError(f"guidance scale must be >= 0, got {self.guidance:g}")
+        if self.scheduler not in SCHEDULERS:
+            raise SpectralDiffusionError(
+                f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One image, the seed that reproduces it alone, and its A1111 `parameters` text."""
+
+    image: Image.Image
+    seed: int
+    parameters: str
+
+
+def native_size(pipe: StableDiffusionPipeline) -> tuple[int, int]:
+    """(width, height) the UNet was trained at: its sample size times the VAE's downsampling."""
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return side, side
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """`"512x768"` -> (512, 768) as (width, height)."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match:
+        raise SpectralDiffusionError(f"cannot parse size {text!r}; expected WIDTHxHEIGHT such as 512x512")
+    return int(match[1]), int(match[2])
+
+
+def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, *, model: str = "",
+             concepts: Mapping[str, float] | None = None) -> list[GeneratedImage]:
+    """Sample `settings.n` images; `model` and `concepts` (label -> weight) only go into the PNG metadata.
+
+    The pipeline's scheduler and attention processors are restored afterwards.
+    """
+    width, height = settings.size or native_size(pipe)
+    scale = pipe.vae_scale_factor
+    if width % scale or height % scale or width <= 0 or height <= 0:
+        raise SpectralDiffusionError(f"size {width}x{height} must be positive multiples of {scale} for this model")
+    seeds = [settings.seed + i for i in range(settings.n)]
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    previous = pipe.scheduler
+    pipe.scheduler = make_scheduler(settings.scheduler, previous.config)
+    try:
+        with regional_prompting(pipe, settings.regions, height=height, width=width,
+                                negative_prompt=settings.negative,
+                                classifier_free_guidance=settings.guidance > 1), torch.no_grad():
+            images = pipe(prompt=settings.prompt, negative_prompt=settings.negative, height=height, width=width,
+                          num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                          num_images_per_prompt=settings.n, generator=generators, output_type="pil").images
+    finally:
+        pipe.scheduler = previous
+    return [GeneratedImage(img, s, infotext(settings, s, (width, height), model, concepts or {}))
+            for img, s in zip(images, seeds, strict=True)]
+
+
+def _quote(value: object) -> str:
+    """A1111's quoting: values with separators become JSON strings, so its infotext parser reads them back whole."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:\n"') else text
+
+
+def infotext(settings: GenerationSettings, seed: int, size: tuple[int, int], model: str,
+             concepts: Mapping[str, float]) -> str:
+    """The A1111 `parameters` text of one image."""
+    fields: dict[str, object] = {
+        "Steps": settings.steps,
+        "Sampler": SCHEDULERS[settings.scheduler][2],
+        "CFG scale": f"{settings.guidance:g}",
+        "Seed": seed,
+        "Size": f"{size[0]}x{size[1]}",
+    }
+    if model:
+        fields["Model"] = model
+    if concepts:
+        fields["Concepts"] = ", ".join(f"{name}: {weight:g}" for name, weight in concepts.items())
+    if settings.regions:
+        fields["Regions"] = " | ".join(r.describe() for r in settings.regions)
+        negatives = [r.negative or "" for r in settings.regions]
+        if any(negatives):
+            fields["Region negative prompts"] = " | ".join(negatives)
+        feathers = {r.feather for r in settings.regions}
+        if feathers != {0.0}:
+            fields["Region feather"] = ", ".join(f"{r.feather:g}" for r in settings.regions)
+    lines = [settings.prompt]
+    if settings.negative:
+        lines.append(f"Negative prompt: {settings.negative}")
+    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields.items()))
+    return "\n".join(lines)
+
+
+_NAME = re.compile(r"(\d{5})-\d+\.png")
+
+
+def save_images(images: Sequence[GeneratedImage], out_dir: str | Path) -> list[Path]:
+    """Write `NNNNN-<seed>.png` files numbered after the highest index already in `out_dir`; never overwrites.
+
+    Each PNG is written to a temporary file and hard-linked to its final name, which fails instead of clobbering a
+    file that appeared meanwhile (the index is then bumped), so a reader never sees a half-written image.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    index = 1 + max((int(m[1]) for p in out.iterdir() if (m := _NAME.fullmatch(p.name))), default=-1)
+    written = []
+    for item in images:
+        info = PngInfo()
+        info.add_text("parameters", item.parameters)
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=".png-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                item.image.save(handle, format="PNG", pnginfo=info)
+            while True:
+                path = out / f"{index:05d}-{item.seed}.png"
+                index += 1
+                try:
+                    os.link(tmp, path)
+                    break
+                except FileExistsError:
+                    continue
+        finally:
+            os.unlink(tmp)
+        written.append(path)
+    return written

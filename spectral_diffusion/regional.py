@@ -1,0 +1,247 @@
+"""Regional prompts: a global prompt plus boxed or masked regions, each with its own prompt, in cross-attention.
+
+Mix-of-Show's regionally controllable sampling keeps two subjects apart by letting each image area attend to its
+own prompt. Here every cross-attention (`attn2`) layer of the UNet computes its output once for the global prompt
+and once per region, and blends them with the region masks resized to the layer's resolution: soft masks (feathered
+box edges or a greyscale mask image), any number of regions, overlaps normalised, the global output everywhere
+outside the regions. The unconditional half of classifier-free guidance uses the global negative prompt for the
+global output and each region's own negative prompt (default: the global one) for its region.
+
+The processor calls `attn.to_q/to_k/to_v/to_out`, so adapters wrapped inside those Linear modules (live composition)
+apply to every region; the original processors are restored when the `regional_prompting` block exits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from diffusers.models.attention_processor import Attention
+from PIL import Image
+
+from spectral_diffusion.errors import SpectralDiffusionError
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Region:
+    """One region: its prompt, where it is (relative box x0,y0,x1,y1 or a greyscale mask image), how soft its edge is."""
+
+    prompt: str
+    box: Box | None = (0.0, 0.0, 1.0, 1.0)
+    mask_path: Path | None = None
+    negative: str | None = None
+    feather: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.prompt.strip():
+            raise SpectralDiffusionError("a region needs a non-empty prompt")
+        if (self.box is None) == (self.mask_path is None):
+            raise SpectralDiffusionError(f"region {self.prompt!r} needs exactly one of a box or a mask image")
+        if self.box is not None:
+            x0, y0, x1, y1 = self.box
+            if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+                raise SpectralDiffusionError(
+                    f"region {self.prompt!r}: box {x0:g},{y0:g},{x1:g},{y1:g} must satisfy 0 <= x0 < x1 <= 1 and "
+                    "0 <= y0 < y1 <= 1 (relative to the image width and height)")
+        if self.feather < 0:
+            raise SpectralDiffusionError(f"region {self.prompt!r}: feather must be >= 0, got {self.feather:g}")
+
+    def describe(self) -> str:
+        """`prompt:where` in the syntax `parse_region` reads (for PNG metadata)."""
+        where = str(self.mask_path) if self.box is None else ",".join(f"{v:g}" for v in self.box)
+        return f"{self.prompt}:{where}"
+
+
+def parse_region(spec: str, *, negative: str | None = None, feather: float = 0.0) -> Region:
+    """Parse `"PROMPT:x0,y0,x1,y1"` or `"PROMPT:mask.png"`; the place is whatever follows the LAST colon."""
+    prompt, sep, where = spec.rpartition(":")
+    if not sep or not prompt.strip() or not where.strip():
+        raise SpectralDiffusionError(
+            f"cannot parse region {spec!r}: expected 'PROMPT:x0,y0,x1,y1' (relative box) or 'PROMPT:MASK.png'")
+    where = where.strip()
+    parts = where.split(",")
+    if len(parts) == 1 and not _is_number(where):
+        path = Path(where).expanduser()
+        if not path.is_file():
+            raise SpectralDiffusionError(f"region {spec!r}: mask image {path} does not exist")
+        return Region(prompt.strip(), box=None, mask_path=path, negative=negative, feather=feather)
+    if len(parts) != 4 or not all(_is_number(p) for p in parts):
+        raise SpectralDiffusionError(
+            f"cannot parse region {spec!r}: the box after the last colon must be four numbers x0,y0,x1,y1 in [0, 1]")
+    x0, y0, x1, y1 = (float(p) for p in parts)
+    return Region(prompt.strip(), box=(x0, y0, x1, y1), negative=negative, feather=feather)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def region_mask(region: Region, height: int, width: int) -> torch.Tensor:
+    """The region's soft mask at image resolution, `[height, width]` in [0, 1].
+
+    A box edge is a linear ramp `feather` wide (relative to the image side) centred on the edge, so the mask's mass
+    stays the box's area; with no feather a pixel belongs to the box when its centre does.
+    """
+    if region.mask_path is not None:
+        with Image.open(region.mask_path) as img:
+            grey = img.convert("L").resize((width, height), Image.Resampling.BILINEAR)
+            return torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).float().view(height, width) / 255
+    x0, y0, x1, y1 = region.box
+
+    def ramp(lo: float, hi: float, n: int) -> torch.Tensor:
+        centres = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        inside = torch.minimum(centres - lo, hi - centres)
+        if region.feather == 0:
+            return (inside > 0).double()
+        return (inside / region.feather + 0.5).clamp(0, 1)
+
+    return torch.outer(ramp(y0, y1, height), ramp(x0, x1, width)).float()
+
+
+def blend_weights(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From region masks `[R, ...]` to (global weight `[...]`, region weights `[R, ...]`) that sum to one.
+
+    Where the masks add up to more than one (overlaps) they are normalised and the global output gets no weight;
+    elsewhere the global output fills what the regions leave.
+    """
+    total = masks.sum(0)
+    return 1 - total.clamp(max=1), masks / total.clamp(min=1)
+
+
+class RegionalState:
+    """Everything the processors share for one generation: region embeddings and the masks per resolution."""
+
+    def __init__(self, masks: torch.Tensor, cond: list[torch.Tensor], uncond: list[torch.Tensor],
+                 latent_size: tuple[int, int], classifier_free_guidance: bool) -> None:
+        self.image_masks = masks
+        self.cond = cond
+        self.uncond = uncond
+        self.latent_size = latent_size
+        self.classifier_free_guidance = classifier_free_guidance
+        self.masks: dict[tuple[int, int], torch.Tensor] = {}
+
+    def layer_size(self, tokens: int) -> tuple[int, int]:
+        """The (h, w) grid of a layer with `tokens` positions: the latent halved (rounding up) k times."""
+        h, w = self.latent_size
+        for _ in range(16):
+            if h * w == tokens:
+                return h, w
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+        raise RuntimeError(f"no downsampling of the {self.latent_size} latent has {tokens} positions")
+
+    def weights(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blend weights for a layer: global `[tokens, 1]`, regions `[R, tokens, 1]` (masks kept in `self.masks`)."""
+        size = self.layer_size(tokens)
+        if size not in self.masks:
+            self.masks[size] = F.interpolate(self.image_masks[None], size=size, mode="area")[0]
+        glob, regions = blend_weights(self.masks[size].flatten(1))
+        return glob[:, None], regions[..., None]
+
+    def embeddings(self, index: int, batch: int) -> torch.Tensor:
+        """Region `index`'s text embeddings laid out like the pipeline's batch (`[uncond..., cond...]` with CFG)."""
+        if not self.classifier_free_guidance:
+            return self.cond[index].expand(batch, -1, -1)
+        if batch % 2:
+            raise RuntimeError(f"classifier-free guidance batch of odd size {batch}")
+        half = batch // 2
+        return torch.cat([self.uncond[index].expand(half, -1, -1), self.cond[index].expand(half, -1, -1)])
+
+
+class RegionalAttnProcessor:
+    """Cross-attention processor: the global output blended with one output per region by the region masks."""
+
+    def __init__(self, state: RegionalState) -> None:
+        self.state = state
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 temb: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        if encoder_hidden_states is None or hidden_states.ndim != 3:
+            raise RuntimeError("the regional processor belongs on cross-attention layers with [B, N, C] inputs")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        batch, tokens, _ = hidden_states.shape
+        query = _heads(attn, attn.to_q(hidden_states))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        glob, regions = (w.to(query.dtype) for w in self.state.weights(tokens))
+        out = glob * _attend(attn, query, encoder_hidden_states, attention_mask)
+        for index, weight in enumerate(regions):
+            context = self.state.embeddings(index, batch).to(encoder_hidden_states)
+            out = out + weight * _attend(attn, query, context, None)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def _heads(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    return x.view(x.shape[0], -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+
+def _attend(attn: Attention, query: torch.Tensor, context: torch.Tensor,
+            attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Multi-head attention of `query` (already split in heads) over `context`, heads merged back: `[B, N, inner]`."""
+    batch = query.shape[0]
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+        attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+    if attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    key, value = _heads(attn, attn.to_k(context)), _heads(attn, attn.to_v(context))
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+    return out.transpose(1, 2).reshape(batch, -1, attn.heads * key.shape[-1]).to(query.dtype)
+
+
+@contextmanager
+def regional_prompting(pipe: StableDiffusionPipeline, regions: Sequence[Region], *, height: int, width: int,
+                       negative_prompt: str = "",
+                       classifier_free_guidance: bool = True) -> Iterator[RegionalState | None]:
+    """Install regional cross-attention on `pipe.unet` for the block; the previous processors come back after.
+
+    `height`/`width` are the image size of the generation run inside the block, `classifier_free_guidance` whether
+    that run uses CFG (diffusers: `guidance_scale > 1`). With no regions this changes nothing (yields None).
+    """
+    if not regions:
+        yield None
+        return
+    scale = pipe.vae_scale_factor
+    if height % scale or width % scale:
+        raise SpectralDiffusionError(f"image size {width}x{height} must be a multiple of {scale}")
+    device = pipe._execution_device
+    cond, uncond = [], []
+    with torch.no_grad():
+        for region in regions:
+            negative = negative_prompt if region.negative is None else region.negative
+            pos, neg = pipe.encode_prompt(region.prompt, device, 1, classifier_free_guidance, negative)
+            cond.append(pos)
+            uncond.append(neg)
+    masks = torch.stack([region_mask(r, height, width) for r in regions]).to(device)
+    state = RegionalState(masks, cond, uncond, (height // scale, width // scale), classifier_free_guidance)
+    cross = {name: m for name, m in pipe.unet.named_modules() if isinstance(m, Attention) and m.is_cross_attention}
+    previous = {name: m.processor for name, m in cross.items()}
+    processor = RegionalAttnProcessor(state)
+    try:
+        for module in cross.values():
+            module.set_processor(processor)
+        yield state
+    finally:
+        for name, module in cross.items():
+            module.set_processor(previous[name])

@@ -1,0 +1,93 @@
+"""Live composition: equal to the fused model, cheap weight changes, exact add / remove of concepts and tokens."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from spectral_diffusion.adapters.inject import adapter_layers
+from spectral_diffusion.compose import Composer
+from spectral_diffusion.concept_file import load_concept, save_concept
+from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.fusion import fuse
+from spectral_diffusion.testing.tiny_sd import random_concept
+
+PROMPT = "a photo of <dogA> and <catB> in the snow"
+
+
+def _latents(pipe: StableDiffusionPipeline) -> torch.Tensor:
+    return pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+
+@pytest.fixture
+def paths(tmp_path, tiny_pipe):
+    concepts = [random_concept(tiny_pipe, band=0, token="<dogA>", seed=1, targets="attn+ff"),
+                random_concept(tiny_pipe, variant="rotational", band=1, token="<catB>", seed=2)]
+    return [save_concept(tmp_path / f"c{i}.safetensors", c) for i, c in enumerate(concepts)]
+
+
+def test_live_composition_equals_the_fused_model(tiny_model_dir, tiny_pipe, paths) -> None:
+    fused = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    fused.set_progress_bar_config(disable=True)
+    fuse(paths, fused, weights=[1.0, 0.6])
+    composer = Composer(tiny_pipe)
+    composer.set_concepts({paths[0]: 0.3, paths[1]: 0.6})
+    composer.set_concepts({paths[0]: 1.0, paths[1]: 0.6})  # a weight change on live adapters
+    assert composer.concepts == {paths[0].resolve(): 1.0, paths[1].resolve(): 0.6}
+    expected = _latents(fused)
+    assert (_latents(tiny_pipe) - expected).abs().max() < 1e-4 * expected.abs().max()
+
+
+def test_add_remove_and_clear_are_exact(tiny_pipe, paths) -> None:
+    plain, vocab = _latents(tiny_pipe), len(tiny_pipe.tokenizer)
+    base_rows = tiny_pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    composer = Composer(tiny_pipe)
+    composer.set_concepts({paths[0]: 1.0, paths[1]: 1.0})
+    both = _latents(tiny_pipe)
+    composer.set_concepts({paths[1]: 1.0})
+    assert "<dogA>" not in tiny_pipe.tokenizer.get_vocab() and "<catB>" in tiny_pipe.tokenizer.get_vocab()
+    assert len(tiny_pipe.tokenizer) == vocab + 2
+    weight = tiny_pipe.text_encoder.get_input_embeddings().weight
+    assert weight.shape[0] == vocab + 2 and tiny_pipe.text_encoder.config.vocab_size == vocab + 2
+    assert torch.equal(weight[vocab:], load_concept(paths[1]).token_embeddings)
+    assert torch.equal(weight[:vocab], base_rows)
+    assert all(len(layer.adapters) <= 1 for layer in adapter_layers(tiny_pipe.unet, tiny_pipe.text_encoder).values())
+    composer.set_concepts({paths[1]: 1.0, paths[0]: 1.0})
+    assert torch.allclose(_latents(tiny_pipe), both, atol=1e-5)
+    composer.clear()
+    assert adapter_layers(tiny_pipe.unet, tiny_pipe.text_encoder) == {}
+    assert len(tiny_pipe.tokenizer) == vocab
+    assert torch.equal(_latents(tiny_pipe), plain)
+
+
+def test_changed_file_is_reloaded(tiny_pipe, paths) -> None:
+    composer = Composer(tiny_pipe)
+    composer.set_concepts({paths[0]: 1.0})
+    first = _latents(tiny_pipe)
+    save_concept(paths[0], random_concept(tiny_pipe, band=0, token="<dogA>", seed=7), overwrite=True)
+    os.utime(paths[0], ns=(1, 1))  # a distinct modification time even on coarse file systems
+    composer.set_concepts({paths[0]: 1.0})
+    assert not torch.allclose(_latents(tiny_pipe), first, atol=1e-3)
+    names = {n for layer in adapter_layers(tiny_pipe.unet, tiny_pipe.text_encoder).values() for n in layer.adapters}
+    assert len(names) == 1
+
+
+def test_refusals_leave_the_live_set_alone(tmp_path, tiny_pipe, paths) -> None:
+    composer = Composer(tiny_pipe)
+    composer.set_concepts({paths[0]: 1.0})
+    before = _latents(tiny_pipe)
+    clash = save_concept(tmp_path / "clash.safetensors", random_concept(tiny_pipe, band=0, token="<owlC>", seed=3))
+    with pytest.raises(SpectralDiffusionError, match="share singular-vector columns"):
+        composer.set_concepts({paths[0]: 1.0, clash: 1.0})
+    other = random_concept(tiny_pipe, band=2, token="<owlD>", seed=3)
+    other.meta.base_fingerprint = "ffffffffffffffff"
+    foreign = save_concept(tmp_path / "foreign.safetensors", other)
+    with pytest.raises(SpectralDiffusionError, match="trained on base model ffffffffffffffff"):
+        composer.set_concepts({foreign: 1.0})
+    with pytest.raises(SpectralDiffusionError, match="not found"):
+        composer.set_concepts({tmp_path / "missing.safetensors": 1.0})
+    assert composer.concepts == {paths[0].resolve(): 1.0}
+    assert torch.equal(_latents(tiny_pipe), before)

@@ -1,0 +1,300 @@
+"""Fusion: the exact spectral sum, its refusals, the baselines' math, gradient fusion, output formats, CLI."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from spectral_diffusion.adapters.targets import adaptable_layers
+from spectral_diffusion.bands import weight_matrix
+from spectral_diffusion.cli import main
+from spectral_diffusion.concept_file import save_concept
+from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.fusion import (
+    GradientStats,
+    _GramRecorder,
+    add_tokens,
+    dare_merge,
+    fuse,
+    merged_delta,
+    record_gradient_stats,
+    save_fused,
+    ties_merge,
+)
+from spectral_diffusion.models import load_base
+from spectral_diffusion.testing.tiny_sd import random_concept
+from spectral_diffusion.tokens import token_ids
+
+
+def _weights(pipe) -> dict[str, torch.Tensor]:
+    return {name: weight_matrix(m).detach().clone() for name, m in adaptable_layers(pipe.unet, pipe.text_encoder).items()}
+
+
+@pytest.fixture
+def concepts(tiny_pipe):
+    return [random_concept(tiny_pipe, band=0, token="<dogA>", seed=1, targets="attn+ff"),
+            random_concept(tiny_pipe, variant="rotational", band=1, token="<catB>", seed=2)]
+
+
+# ---- tensor math -------------------------------------------------------------------------------------------
+
+
+def test_ties_trims_elects_sign_and_averages_agreeing_entries() -> None:
+    a = torch.tensor([3.0, -1.0, 0.5, 0.0])
+    b = torch.tensor([-2.0, 1.0, 0.4, 1.5])
+    # density 0.5 keeps a: [3, -1, 0, 0], b: [-2, 0, 0, 1.5]; signs by mass: [+, -, 0, +].
+    assert torch.equal(ties_merge([a, b], 0.5), torch.tensor([3.0, -1.0, 0.0, 1.5]))
+    c = torch.tensor([1.0, 1.0, -4.0, 2.0])
+    # density 1 keeps all; entry 0: 3 - 2 + 1 > 0 -> mean(3, 1); entry 2: -4 wins; a's zero never votes.
+    assert torch.allclose(ties_merge([a, b, c], 1.0), torch.tensor([2.0, 1.0, -4.0, 1.75]))
+
+
+def test_dare_keeps_a_seeded_fraction_rescaled() -> None:
+    delta = torch.randn(200, 300, generator=torch.Generator().manual_seed(0))
+    merged = dare_merge([delta], 0.3, [torch.Generator().manual_seed(5)])
+    kept = merged != 0
+    assert kept.float().mean().item() == pytest.approx(0.3, abs=0.01)
+    assert torch.allclose(merged[kept], delta[kept] / 0.3)
+    again = dare_merge([delta], 0.3, [torch.Generator().manual_seed(5)])
+    assert torch.equal(merged, again)
+    assert dare_merge([delta], 1.0, [torch.Generator()]).equal(delta)
+
+
+def test_gradient_stats_score_and_solve_the_objective() -> None:
+    gen = torch.Generator().manual_seed(0)
+    out_f, in_f = 6, 10
+    inputs = [torch.randn(in_f, 40, generator=gen), torch.randn(in_f, 25, generator=gen)]
+    factors = [(torch.randn(out_f, 2, generator=gen), torch.randn(2, in_f, generator=gen)), None]
+    stats = GradientStats.zeros(out_f, in_f, torch.device("cpu"))
+    for x, f in zip(inputs, factors, strict=True):
+        stats.add(x @ x.mT, f)
+    deltas = [f[0] @ f[1] if f else torch.zeros(out_f, in_f) for f in factors]
+
+    def explicit(d: torch.Tensor) -> float:
+        return sum(float(((d - dw) @ x).pow(2).sum()) for dw, x in zip(deltas, inputs, strict=True))
+
+    probe = torch.randn(out_f, in_f, generator=gen)
+    assert stats.objective(probe) == pytest.approx(explicit(probe), rel=1e-5)
+    best = stats.solve(ridge=1e-8)
+    mean = sum(deltas) / 2
+    assert stats.objective(best) < stats.objective(mean)
+    assert stats.objective(best) < stats.objective(best + 1e-2 * probe)
+    # the normal equations hold: D S = A
+    assert torch.allclose(best @ stats.gram, stats.cross, atol=1e-3)
+
+
+# ---- fusing ------------------------------------------------------------------------------------------------
+
+
+def test_spectral_fusion_is_the_exact_weighted_sum(tiny_pipe, concepts) -> None:
+    before = _weights(tiny_pipe)
+    report = fuse(concepts, tiny_pipe, weights=[1.0, 0.7])
+    after = _weights(tiny_pipe)
+    touched = set(concepts[0].layers) | set(concepts[1].layers)
+    for name, w0 in before.items():
+        expected = w0.clone()
+        for concept, weight in zip(concepts, (1.0, 0.7), strict=True):
+            if name in concept.layers:
+                up, down = concept.delta_factors(name)
+                expected += weight * up @ down
+        assert torch.allclose(after[name], expected, atol=1e-6), name
+        assert (name in touched) == (not torch.equal(after[name], w0))
+    emb = tiny_pipe.text_encoder.get_input_embeddings().weight
+    for concept in concepts:
+        assert torch.equal(emb[token_ids(tiny_pipe.tokenizer, concept.meta.token_names)], concept.token_embeddings)
+    assert report.method == "spectral" and report.weights == [1.0, 0.7] and report.layers == len(touched)
+    assert [c.band for c in report.concepts] == [0, 1] and report.timings["total"] > 0
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda cs: setattr(cs[1].meta, "band", 0), r"<dogA> \(band 0, rank 4\) and <catB> \(band 0, rank 4\) share "
+                                                 r"singular-vector columns \[0, 4\)"),
+    (lambda cs: setattr(cs[1].meta, "base_fingerprint", "0123456789abcdef"),
+     r"concept <catB> was trained on base model 0123456789abcdef, but the loaded base is [0-9a-f]{16}"),
+    (lambda cs: setattr(cs[1].meta, "token_names", ["<dogA>", "<dogA>_1"]), "both use the token '<dogA>'"),
+    (lambda cs: setattr(cs[1].meta, "token", "dog"), "already in the tokenizer"),
+    (lambda cs: setattr(cs[0].meta, "variant", "lora"), "spectral fusion needs additive or rotational"),
+])
+def test_refusals_leave_the_pipeline_untouched(tiny_pipe, concepts, edit, message) -> None:
+    if "lora" in message:
+        concepts[0] = random_concept(tiny_pipe, variant="lora", token="<dogA>")
+    else:
+        edit(concepts)
+    before, vocab = _weights(tiny_pipe), len(tiny_pipe.tokenizer)
+    with pytest.raises(SpectralDiffusionError, match=message):
+        fuse(concepts, tiny_pipe)
+    assert len(tiny_pipe.tokenizer) == vocab
+    assert all(torch.equal(w, _weights(tiny_pipe)[n]) for n, w in before.items())
+
+
+def test_argument_errors(tiny_pipe, concepts) -> None:
+    with pytest.raises(SpectralDiffusionError, match="1 weights given for 2 concepts"):
+        fuse(concepts, tiny_pipe, weights=[1.0])
+    with pytest.raises(SpectralDiffusionError, match="unknown fusion method 'avg'"):
+        fuse(concepts, tiny_pipe, "avg")
+    with pytest.raises(SpectralDiffusionError, match="density must be in"):
+        fuse(concepts, tiny_pipe, "ties", density=0)
+
+
+def test_allow_overlap_warns_and_fuses(tiny_pipe, concepts) -> None:
+    concepts[1].meta.band = 0
+    with pytest.warns(UserWarning, match="share singular-vector columns"):
+        report = fuse(concepts, tiny_pipe, allow_overlap=True)
+    assert report.layers > 0
+
+
+def test_baselines_on_every_variant(tiny_pipe, tiny_model_dir) -> None:
+    concepts = [random_concept(tiny_pipe, variant=v, band=i, token=f"<c{i}>", seed=i)
+                for i, v in enumerate(("lora", "ortho", "additive"))]
+    per_method = {}
+    for method in ("sum", "mean", "ties", "dare"):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+        before = _weights(pipe)
+        fuse(concepts, pipe, method, weights=[1.0, 0.5, 2.0], density=0.4, seed=3)
+        per_method[method] = {n: w - before[n] for n, w in _weights(pipe).items() if n in concepts[0].layers}
+    for name, total in per_method["sum"].items():
+        assert torch.allclose(per_method["mean"][name], total / 3, atol=1e-6)
+        factors = [((w * c.delta_factors(name)[0]), c.delta_factors(name)[1])
+                   for c, w in zip(concepts, (1.0, 0.5, 2.0), strict=True)]
+        assert torch.allclose(total, sum(u @ d for u, d in factors), atol=1e-5)
+        assert torch.allclose(per_method["ties"][name], merged_delta("ties", name, factors, density=0.4), atol=1e-6)
+        assert torch.allclose(per_method["dare"][name],
+                              merged_delta("dare", name, factors, density=0.4, seed=3), atol=1e-6)
+        assert not torch.allclose(per_method["dare"][name], total, atol=1e-3)
+
+
+def test_gradient_fusion_beats_mean_on_its_own_objective(tiny_pipe, concepts) -> None:
+    add_tokens(tiny_pipe, concepts)
+    before = _weights(tiny_pipe)
+    weights = [1.0, 0.7]
+    factors: dict[str, list] = {}
+    for i, (concept, w) in enumerate(zip(concepts, weights, strict=True)):
+        for name in concept.layers:
+            up, down = concept.delta_factors(name)
+            factors.setdefault(name, [None, None])[i] = (w * up, down)
+    stats = record_gradient_stats(tiny_pipe, [(c, None) for c in concepts], weights, factors, steps=1)
+    assert set(stats) == set(factors)
+    total_gradient = total_mean = 0.0
+    for name, s in stats.items():
+        assert s.gram.trace() > 0
+        mean = merged_delta("mean", name, factors[name]) / 2
+        total_gradient += s.objective(s.solve(1e-4))
+        total_mean += s.objective(mean)
+    assert total_gradient < 0.5 * total_mean
+    after = _weights(tiny_pipe)  # recording leaves the pipeline as it was: no adapters, same weights
+    assert after.keys() == before.keys() and all(torch.equal(after[n], w) for n, w in before.items())
+
+
+def test_gram_recorder_matches_the_layer_inputs(tiny_pipe) -> None:
+    modules = adaptable_layers(tiny_pipe.unet, tiny_pipe.text_encoder)
+    names = [n for n in modules if n.endswith((".layers.0.self_attn.q_proj", ".layers.0.self_attn.k_proj",
+                                               "down_blocks.0.attentions.0.proj_in", "transformer_blocks.0.attn2.to_v"))]
+    assert len(names) == 10  # text q/k of layer 0, one proj_in conv, every attn2.to_v
+    inputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: inputs[n].append(a[0].detach().clone()))
+               for n in names]
+    recorder = _GramRecorder({n: modules[n] for n in names})
+    tiny_pipe("a photo of a dog", num_inference_steps=2, output_type="latent")
+    recorder.remove()
+    for handle in handles:
+        handle.remove()
+    for name in names:
+        x = torch.cat([t.movedim(1, -1).reshape(-1, t.shape[1]) if t.ndim == 4 else t.reshape(-1, t.shape[-1])
+                       for t in inputs[name]])
+        assert torch.allclose(recorder.grams[name], x.mT @ x, rtol=1e-4, atol=1e-3), name
+
+
+def test_gradient_fusion_end_to_end(tiny_pipe, concepts) -> None:
+    before = _weights(tiny_pipe)
+    report = fuse(concepts, tiny_pipe, "gradient", record_steps=1, record_size=16)
+    assert {"record", "solve", "total"} <= set(report.timings) and report.options["ridge"] == 1e-4
+    changed = [n for n, w in _weights(tiny_pipe).items() if not torch.equal(w, before[n])]
+    assert set(changed) == set(concepts[0].layers) | set(concepts[1].layers)
+
+
+# ---- output ------------------------------------------------------------------------------------------------
+
+
+def test_diffusers_output_loads_with_tokens(tmp_path, tiny_pipe, concepts) -> None:
+    paths = [save_concept(tmp_path / f"c{i}.safetensors", c) for i, c in enumerate(concepts)]
+    report = fuse(paths, tiny_pipe, weights=[1.0, 0.5])
+    out = tmp_path / "fused"
+    save_fused(tiny_pipe, report, out)
+    loaded = StableDiffusionPipeline.from_pretrained(out)
+    assert loaded.tokenizer.tokenize("a <dogA> and <catB>") == tiny_pipe.tokenizer.tokenize("a <dogA> and <catB>")
+    assert all(torch.equal(w, _weights(tiny_pipe)[n]) for n, w in _weights(loaded).items())
+    assert torch.equal(loaded.text_encoder.get_input_embeddings().weight,
+                       tiny_pipe.text_encoder.get_input_embeddings().weight)
+    record = json.loads((out / "fusion.json").read_text())
+    assert record["method"] == "spectral" and record["weights"] == [1.0, 0.5]
+    assert [c["path"] for c in record["concepts"]] == [str(p) for p in paths]
+    assert record["concepts"][1]["band"] == 1 and record["concepts"][0]["token_names"] == ["<dogA>", "<dogA>_1"]
+    assert record["concepts"][0]["base_fingerprint"] == record["base_fingerprint"]
+    with pytest.raises(SpectralDiffusionError, match="already exists"):
+        save_fused(tiny_pipe, report, out)
+    save_fused(tiny_pipe, report, out, "lora", overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["embeddings", "fused.safetensors", "fusion.json"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folder left
+
+
+def test_lora_output_is_the_exact_merged_delta(tmp_path, tiny_pipe, concepts) -> None:
+    before = _weights(tiny_pipe)
+    report = fuse(concepts, tiny_pipe, weights=[0.5, 2.0])
+    save_fused(tiny_pipe, report, tmp_path / "out", "lora")
+    tensors = load_file(tmp_path / "out" / "out.safetensors")
+    for name, weight in _weights(tiny_pipe).items():
+        component, _, path = name.partition(".")
+        if component == "text_encoder" and not path.startswith("text_model."):
+            path = "text_model." + path
+        key = f"{component}.{path}"
+        if f"{key}.lora_A.weight" not in tensors:
+            assert torch.equal(weight, before[name])
+            continue
+        down, up = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+        delta = (up.flatten(1) @ down.flatten(1)).view_as(weight)
+        assert torch.allclose(before[name] + delta, weight, atol=1e-6)
+    emb = load_file(tmp_path / "out" / "embeddings" / "catB.safetensors")
+    assert torch.equal(emb["<catb>"], concepts[1].token_embeddings)
+
+
+def test_lora_output_refused_for_dense_methods(tmp_path, tiny_pipe, concepts) -> None:
+    report = fuse(concepts, tiny_pipe, "ties")
+    with pytest.raises(SpectralDiffusionError, match="--format lora needs"):
+        save_fused(tiny_pipe, report, tmp_path / "out", "lora")
+    assert not (tmp_path / "out").exists()
+
+
+def test_single_file_output_loads(tmp_path, tiny_model_dir, tiny_pipe, concepts) -> None:
+    report = fuse(concepts, tiny_pipe)
+    save_fused(tiny_pipe, report, tmp_path / "sf", "single-file")
+    loaded = load_base(str(tmp_path / "sf" / "sf.safetensors"), device="cpu", config=tiny_model_dir)
+    fused = _weights(tiny_pipe)
+    assert all(torch.equal(w, fused[n]) for n, w in _weights(loaded).items())
+    base_rows = tiny_pipe.text_encoder.get_input_embeddings().weight[: len(loaded.tokenizer)]
+    assert torch.equal(loaded.text_encoder.get_input_embeddings().weight, base_rows)
+    assert sorted(p.name for p in (tmp_path / "sf" / "embeddings").iterdir()) == ["catB.safetensors",
+                                                                                  "dogA.safetensors"]
+
+
+def test_cli_fuse(tmp_path, tiny_model_dir, tiny_pipe, concepts, capsys) -> None:
+    paths = [str(save_concept(tmp_path / f"c{i}.safetensors", c)) for i, c in enumerate(concepts)]
+    out = tmp_path / "fused"
+    base = ["--base", str(tiny_model_dir), "--device", "cpu"]
+    assert main(["fuse", *paths, "--out", str(out), "--weights", "1,0.25", *base]) == 0
+    assert "fused 2 concepts (<dogA> x1, <catB> x0.25) with spectral" in capsys.readouterr().out
+    assert json.loads((out / "fusion.json").read_text())["weights"] == [1.0, 0.25]
+    assert main(["fuse", *paths, "--out", str(out), *base]) == 2
+    assert "already exists (pass --overwrite" in capsys.readouterr().err
+    overlapping = random_concept(tiny_pipe, band=0, token="<owlC>", seed=4)
+    paths.append(str(save_concept(tmp_path / "c2.safetensors", overlapping)))
+    assert main(["fuse", *paths, "--out", str(tmp_path / "x"), *base]) == 2
+    assert "c0.safetensors (<dogA>) (band 0, rank 4) and c2.safetensors (<owlC>)" in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["fuse", *paths, "--out", str(tmp_path / "x"), "--allow-overlap", *base]) == 0
+    assert "warning: concepts" in capsys.readouterr().err
