@@ -12,6 +12,7 @@ images read back in A1111, ComfyUI and civitai tools:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -100,6 +101,11 @@ def native_size(pipe: StableDiffusionPipeline) -> tuple[int, int]:
     return side, side
 
 
+def size_multiple(pipe: StableDiffusionPipeline) -> int:
+    """Image sides must be multiples of the VAE's downsampling and of 8 (diffusers checks the latter itself)."""
+    return math.lcm(8, pipe.vae_scale_factor)
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """`"512x768"` -> (512, 768) as (width, height)."""
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
@@ -115,9 +121,9 @@ def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, *, mod
     The pipeline's scheduler and attention processors are restored afterwards.
     """
     width, height = settings.size or native_size(pipe)
-    scale = pipe.vae_scale_factor
-    if width % scale or height % scale or width <= 0 or height <= 0:
-        raise SpectralDiffusionError(f"size {width}x{height} must be positive multiples of {scale} for this model")
+    step = size_multiple(pipe)
+    if width % step or height % step or width <= 0 or height <= 0:
+        raise SpectralDiffusionError(f"size {width}x{height} must be positive multiples of {step} for this model")
     seeds = [settings.seed + i for i in range(settings.n)]
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     previous = pipe.scheduler

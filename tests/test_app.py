@@ -146,7 +146,7 @@ def test_two_region_generate(served):
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"concepts": {"nope": 1.0}}, "no concept 'nope'"),
     ({"concepts": {"../dogA": 1.0}}, "invalid concept name '../dogA'"),
-    ({"width": 20}, "width and height must be multiples of 8, got 20x24"),
+    ({"width": 20}, "size 20x24 must be positive multiples of 8"),
     ({"regions": {"headers": HEADERS, "data": [["a dog", 0, 0, 1.5, 1, ""]]}}, "0 &lt;= x0 &lt; x1 &lt;= 1"),
 ])
 def test_generate_mistakes_are_clear_messages(served, overrides, message):

@@ -44,7 +44,7 @@ def test_size_scheduler_and_pipeline_restored(tiny_pipe) -> None:
     [wide] = generate(tiny_pipe, GenerationSettings("a dog", steps=1, size=(24, 16)))
     assert wide.image.size == (24, 16)
     assert tiny_pipe.scheduler is scheduler
-    with pytest.raises(SpectralDiffusionError, match="multiples of 2"):
+    with pytest.raises(SpectralDiffusionError, match="multiples of 8"):
         generate(tiny_pipe, GenerationSettings("a dog", steps=1, size=(15, 16)))
 
 

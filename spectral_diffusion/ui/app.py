@@ -25,7 +25,13 @@ from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.export import FORMATS as LORA_FORMATS
 from spectral_diffusion.fusion import METHODS as FUSION_METHODS
 from spectral_diffusion.fusion import OUTPUT_FORMATS as FUSION_FORMATS
-from spectral_diffusion.generation import SCHEDULERS, GeneratedImage, GenerationSettings, native_size
+from spectral_diffusion.generation import (
+    SCHEDULERS,
+    GeneratedImage,
+    GenerationSettings,
+    native_size,
+    size_multiple,
+)
 from spectral_diffusion.ui import regions as region_table
 from spectral_diffusion.ui.backend import INTERNAL_ERROR, Backend, TrainingJob
 from spectral_diffusion.ui.concepts import ConceptInfo
@@ -247,7 +253,7 @@ class _AppBuilder:
     def generate_tab(self) -> None:
         backend = self.backend
         width, height = native_size(backend.pipe)
-        step = backend.size_step
+        step = size_multiple(backend.pipe)
         with gr.Row():
             with gr.Column(scale=5):
                 prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import shutil
 import tempfile
 import threading
@@ -148,18 +147,9 @@ class Backend:
 
     # ---- generation ----------------------------------------------------------------------------------------
 
-    @property
-    def size_step(self) -> int:
-        """Image sides must be multiples of this: of the VAE's downsampling, and of 8 (diffusers checks that)."""
-        return math.lcm(8, self.pipe.vae_scale_factor)
-
     def generate(self, settings: GenerationSettings, concepts: Mapping[str, float],
                  on_step: Callable[[int, int], None] | None = None) -> list[tuple[Path, GeneratedImage]]:
         """Compose `concepts` (name -> weight) live, sample, and save the PNGs (with metadata) to the output folder."""
-        step = self.size_step
-        if settings.size is not None and any(side % step for side in settings.size):
-            width, height = settings.size
-            raise SpectralDiffusionError(f"width and height must be multiples of {step}, got {width}x{height}")
         paths = {self.concept(name).path: float(weight) for name, weight in concepts.items()}
         with self._pipe_lock, report_steps(self.pipe, on_step):
             self.composer.set_concepts(paths)

@@ -1,0 +1,127 @@
+"""Concept tokens: new words such as `<dogA>` with their own embedding vectors.
+
+A token owning n vectors is added as `<dogA>`, `<dogA>_1`, ... `<dogA>_{n-1}` (the convention of diffusers'
+`load_textual_inversion` and A1111), so diffusers' `maybe_convert_prompt` expands `<dogA>` in a prompt into all of
+them. Tokens are added un-normalised: CLIP lower-cases ordinary text, and a normalised `<dogA>` would tokenize as
+`<doga>`, which `maybe_convert_prompt` does not recognise, silently dropping every vector but the first.
+
+Training never touches the (frozen) embedding matrix: `ConceptEmbeddings` holds the new rows as their own parameter
+and substitutes them into the embedding layer's output, so the optimizer state is n rows, not the whole vocabulary,
+and every other row stays bit-identical by construction. `write()` copies the trained rows into the matrix at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.loaders import TextualInversionLoaderMixin
+from torch import nn
+from transformers import AddedToken, PreTrainedModel, PreTrainedTokenizerBase
+
+from spectral_diffusion.errors import SpectralDiffusionError
+
+# Mean norm of SD 1.5's CLIP vocabulary rows is ~0.39; Mix-of-Show stops its token embeddings at ~0.55.
+NORM_CAP_FACTOR = 1.4
+
+
+def token_names(token: str, num_vectors: int) -> list[str]:
+    """`<dogA>`, `<dogA>_1`, ...: one tokenizer entry per embedding vector."""
+    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+
+
+def check_new_token(tokenizer: PreTrainedTokenizerBase, token: str, num_vectors: int = 1) -> None:
+    """Refuse a token that is empty, has spaces, or (with its `_i` siblings) already means something."""
+    if not token or token != token.strip() or len(token.split()) != 1:
+        raise SpectralDiffusionError(f"token {token!r} must be one word without spaces, e.g. <dogA>")
+    vocab = tokenizer.get_vocab()
+    for name in token_names(token, num_vectors):
+        if name in vocab or len(tokenizer.tokenize(name)) == 1:  # one piece: an existing word or added token
+            raise SpectralDiffusionError(
+                f"token {name!r} is already in the tokenizer's vocabulary; pick a new word such as <{name.strip('<>')}1>")
+
+
+def add_concept_tokens(tokenizer: PreTrainedTokenizerBase, text_encoder: PreTrainedModel, token: str,
+                       embeddings: torch.Tensor) -> list[str]:
+    """Add `token` with one vector per row of `embeddings` [n, dim]; return the names added.
+
+    Grows the text encoder's embedding matrix (the old rows are kept bit-identical and keep their `requires_grad`).
+    Raises `SpectralDiffusionError` if the token or one of its `_i` names is already known.
+    """
+    embeddings = torch.as_tensor(embeddings)
+    if embeddings.ndim != 2:
+        raise SpectralDiffusionError(f"token embeddings for {token} must be [n_vectors, dim], got {tuple(embeddings.shape)}")
+    old = text_encoder.get_input_embeddings()
+    if embeddings.shape[1] != old.embedding_dim:
+        raise SpectralDiffusionError(
+            f"token {token} has {embeddings.shape[1]}-dim embeddings; this text encoder uses {old.embedding_dim}")
+    names = token_names(token, embeddings.shape[0])
+    check_new_token(tokenizer, token, len(names))
+    tokenizer.add_tokens([AddedToken(name, normalized=False) for name in names])
+    requires_grad = old.weight.requires_grad
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    weight = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[token_ids(tokenizer, names)] = embeddings.to(weight.dtype)
+    weight.requires_grad_(requires_grad)
+    return names
+
+
+def token_ids(tokenizer: PreTrainedTokenizerBase, names: list[str]) -> list[int]:
+    return [int(i) for i in tokenizer.convert_tokens_to_ids(names)]
+
+
+def expand_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[str]) -> str | list[str]:
+    """`<dogA>` -> `<dogA> <dogA>_1 ...`, exactly as a diffusers pipeline does at generation time."""
+    return TextualInversionLoaderMixin().maybe_convert_prompt(prompt, tokenizer)
+
+
+def initial_embeddings(tokenizer: PreTrainedTokenizerBase, text_encoder: PreTrainedModel, class_word: str,
+                       num_vectors: int, generator: torch.Generator, noise: float = 0.1) -> torch.Tensor:
+    """[num_vectors, dim] fp32 start vectors: the class word's mean embedding plus a small seeded random part.
+
+    `noise` is relative to the typical row norm; it makes the vectors differ so they can learn different things.
+    Without a class word the start is the mean row of the vocabulary.
+    """
+    weight = text_encoder.get_input_embeddings().weight.detach().float().cpu()
+    ids = tokenizer.encode(class_word, add_special_tokens=False) if class_word.strip() else []
+    base = weight[ids].mean(0) if ids else weight.mean(0)
+    scale = noise * weight.norm(dim=1).mean() / weight.shape[1] ** 0.5
+    return base.expand(num_vectors, -1) + scale * torch.randn(num_vectors, weight.shape[1], generator=generator)
+
+
+def default_norm_cap(text_encoder: PreTrainedModel) -> float:
+    """`NORM_CAP_FACTOR` x the mean row norm of the vocabulary (~0.55 on SD 1.5, scaled for other encoders)."""
+    weight = text_encoder.get_input_embeddings().weight.detach().float()
+    return float(NORM_CAP_FACTOR * weight.norm(dim=1).mean())
+
+
+class ConceptEmbeddings(nn.Module):
+    """Trainable rows for a concept's token ids, substituted into the frozen input-embedding layer's output."""
+
+    def __init__(self, embedding: nn.Embedding, ids: list[int], init: torch.Tensor):
+        super().__init__()
+        self.embedding = [embedding]  # a list, so the frozen layer is not registered as a submodule
+        self.rows = nn.Parameter(init.detach().float().clone())
+        self.register_buffer("ids", torch.tensor(ids, dtype=torch.long), persistent=False)
+        self._hook = embedding.register_forward_hook(self._substitute)
+
+    def _substitute(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        match = inputs[0].unsqueeze(-1) == self.ids.to(inputs[0].device)  # [..., seq, n]
+        hit = match.any(-1, keepdim=True)
+        rows = self.rows.to(output.dtype)[match.int().argmax(-1)]
+        return torch.where(hit, rows, output)
+
+    @torch.no_grad()
+    def cap_norms(self, cap: float) -> None:
+        """Rescale rows longer than `cap` back to it (Mix-of-Show stops its embeddings growing past ~0.55)."""
+        norms = self.rows.norm(dim=1, keepdim=True)
+        self.rows.mul_(torch.where(norms > cap, cap / norms, torch.ones_like(norms)))
+
+    @torch.no_grad()
+    def write(self) -> None:
+        """Copy the trained rows into the embedding matrix and stop substituting."""
+        weight = self.embedding[0].weight
+        weight[self.ids.to(weight.device)] = self.rows.to(weight.device, weight.dtype)
+        self.remove()
+
+    def remove(self) -> None:
+        self._hook.remove()

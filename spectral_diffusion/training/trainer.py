@@ -1,0 +1,538 @@
+"""Train one concept: adapters in one SVD band + new token embeddings, from a photo folder, into a concept file.
+
+Only the adapter's trainable tensors and the new tokens' embedding rows change; every base weight stays
+bit-identical. The loop runs under `accelerate` (gradient accumulation, mixed precision, and multi-GPU data
+parallel when started with `accelerate launch`). Everything random in a step (data order, crops, flips, VAE
+sampling, noise, timesteps) is drawn from a generator seeded by (seed, micro-step, process), so a run resumed from
+a checkpoint ends with exactly the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import compute_snr
+from diffusers.utils import make_image_grid
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from torch import nn
+from tqdm.auto import tqdm
+
+from spectral_diffusion.adapters import adapter_state, inject_adapters, trainable_parameters
+from spectral_diffusion.band_registry import BandUse, choose_band, register_band
+from spectral_diffusion.concept_file import Concept, ConceptMeta, save_concept
+from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.fingerprint import base_fingerprint
+from spectral_diffusion.generation import GenerationSettings, generate, native_size
+from spectral_diffusion.models import DTYPES, load_base
+from spectral_diffusion.tokens import (
+    ConceptEmbeddings,
+    add_concept_tokens,
+    check_new_token,
+    default_norm_cap,
+    expand_prompt,
+    initial_embeddings,
+    token_ids,
+)
+from spectral_diffusion.training.checkpoint import (
+    atomic_write,
+    check_same_settings,
+    checkpoint_dir,
+    load_latest,
+    save_checkpoint,
+    set_rng_states,
+)
+from spectral_diffusion.training.config import TrainConfig
+from spectral_diffusion.training.data import (
+    CONCEPT_TEMPLATE,
+    PRIOR_TEMPLATE,
+    ExampleSet,
+    fill_caption,
+    load_folder,
+    sample_order,
+)
+
+log = logging.getLogger(__name__)
+
+ADAPTER_NAME = "concept"
+_PRIOR_SEED_OFFSET = 1_000_003  # the prior images get their own order stream
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What `on_step` callbacks get after every optimizer step (the app draws its progress bar from it)."""
+
+    step: int
+    steps: int
+    loss: float
+    lr: float
+
+
+class DiffusionObjective(nn.Module):
+    """The trainable forward: concept rows into the text encoder, then the UNet's prediction.
+
+    One module, so that `accelerate` wraps the UNet, the text encoder and the embedding rows together for data
+    parallel training; the base weights inside are frozen.
+    """
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, embeddings: ConceptEmbeddings):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.embeddings = embeddings
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.text_encoder(input_ids)[0]
+        return self.unet(noisy, timesteps, encoder_hidden_states=hidden).sample
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, floor: float) -> torch.Tensor:
+    """Per-sample MSE in latent space weighted by the subject mask (area-downsampled), `floor` for background."""
+    weight = floor + (1 - floor) * F.interpolate(masks.float(), size=pred.shape[-2:], mode="area")
+    err = (pred.float() - target.float()).square() * weight
+    return err.sum((1, 2, 3)) / (weight.sum((1, 2, 3)) * pred.shape[1]).clamp_min(1e-8)
+
+
+def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(snr, gamma) / snr for epsilon targets, and
+    min(snr, gamma) / (snr + 1) for v targets, whose MSE is already (snr + 1) times the epsilon MSE."""
+    snr = compute_snr(scheduler, timesteps)
+    clipped = snr.clamp(max=gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+def step_generator(seed: int, micro_step: int, process: int) -> torch.Generator:
+    """The CPU generator for one micro-batch: a pure function of (seed, micro-step, process)."""
+    state = np.random.SeedSequence([seed, micro_step, process]).generate_state(2, np.uint64)
+    return torch.Generator().manual_seed(int(state[0]) >> 1)
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """First Ctrl-C only sets a flag (read by the loop at a step boundary); a second one interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    flag = {"set": False}
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["set"]:
+            raise KeyboardInterrupt
+        flag["set"] = True
+        log.warning("stopping after this step to write a checkpoint (Ctrl-C again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: flag["set"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _accelerator(mixed_precision: str, grad_accum: int, cpu: bool) -> Accelerator:
+    """An Accelerator; in a single process (the app) a later run may change precision or device, which accelerate's
+    process-wide state refuses, so that state is reset first (never under `accelerate launch`)."""
+    try:
+        return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=cpu)
+    except ValueError as exc:
+        if "already been initialized" not in str(exc) or PartialState().num_processes > 1:
+            raise
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=cpu)
+
+
+class Trainer:
+    """One training run. `Trainer(config).run()` (or `train(config)`) writes the concept file and returns its path.
+
+    `pipe` lets a caller that already holds the base model (the app, tests) train on it: it is modified in place
+    (tokens added, adapters injected and left there, so it can sample the new concept right away).
+    """
+
+    def __init__(self, config: TrainConfig, pipe: StableDiffusionPipeline | None = None,
+                 on_step: Callable[[StepInfo], None] | None = None):
+        config.check()
+        self.config = config
+        self.on_step = on_step
+        self.out = Path(config.out)
+        self.ckpt_dir = checkpoint_dir(self.out)
+        if self.ckpt_dir.exists() and not config.resume:
+            if not config.overwrite:
+                raise SpectralDiffusionError(
+                    f"{self.ckpt_dir} holds checkpoints of an earlier run: pass --resume to continue it "
+                    "or --overwrite to start over")
+            shutil.rmtree(self.ckpt_dir)
+        on_cpu = config.device == "cpu" or (config.device is None and not torch.cuda.is_available())
+        mixed = config.mixed_precision
+        if on_cpu and mixed != "no":
+            log.warning("--mixed-precision %s needs a GPU: training in fp32 on the CPU", mixed)
+            mixed = "no"
+        self.accelerator = _accelerator(mixed, config.grad_accum, on_cpu)
+        self.weight_dtype = DTYPES[config.dtype or {"no": "fp32"}.get(mixed, mixed)]
+        self.checkpoint = load_latest(self.ckpt_dir) if config.resume else None
+        if config.resume and self.checkpoint is None:
+            log.warning("no checkpoint in %s: starting from the beginning", self.ckpt_dir)
+        if pipe is None:
+            pipe = load_base(config.base, device=str(self.accelerator.device), dtype=self.weight_dtype,
+                             allow_pickle=config.allow_pickle, config=config.base_config)
+        else:
+            pipe.to(self.accelerator.device)
+            self.weight_dtype = pipe.unet.dtype
+        self.pipe = pipe
+        self._setup()
+
+    # ---- setup ---------------------------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        config, pipe = self.config, self.pipe
+        self.resolution = self._resolution()
+        self.fingerprint = base_fingerprint(pipe.unet, pipe.text_encoder)
+        check_new_token(pipe.tokenizer, config.token, config.num_vectors)
+        self.data = ExampleSet(load_folder(config.photo_dir, self.resolution, config.token, config.class_word,
+                                           CONCEPT_TEMPLATE), self.resolution, config.flip)
+        self.prior = None if config.prior_dir is None else ExampleSet(
+            load_folder(config.prior_dir, self.resolution, "", config.class_word, PRIOR_TEMPLATE),
+            self.resolution, config.flip)
+        self.spectral = config.adapter_config(0).spectral
+        self.band = self._band()
+        for model in (pipe.unet, pipe.text_encoder, pipe.vae):
+            model.requires_grad_(False)
+        self.wrappers = inject_adapters(pipe.unet, pipe.text_encoder, config.adapter_config(self.band),
+                                        name=ADAPTER_NAME)
+        generator = torch.Generator().manual_seed(config.seed)
+        init = initial_embeddings(pipe.tokenizer, pipe.text_encoder, config.class_word, config.num_vectors, generator)
+        self.norm_cap = default_norm_cap(pipe.text_encoder) if config.emb_norm_cap is None else config.emb_norm_cap
+        self.token_names = add_concept_tokens(pipe.tokenizer, pipe.text_encoder, config.token, init)
+        embedding = pipe.text_encoder.get_input_embeddings()
+        self.embeddings = ConceptEmbeddings(embedding, token_ids(pipe.tokenizer, self.token_names), init)
+        self.embeddings.to(embedding.weight.device)
+        if config.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+            pipe.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        prediction = self.noise_scheduler.config.prediction_type
+        if prediction not in ("epsilon", "v_prediction"):
+            raise SpectralDiffusionError(
+                f"the base model's scheduler predicts {prediction!r}; only epsilon and v_prediction models train")
+        self.objective = DiffusionObjective(pipe.unet, pipe.text_encoder, self.embeddings)
+        self.optimizer = torch.optim.AdamW(self._param_groups())
+        self.warmup = config.steps // 20 if config.warmup_steps is None else config.warmup_steps
+        self.lr_scheduler = get_cosine_schedule_with_warmup(self.optimizer, self.warmup, config.steps)
+        self.model, self.optimizer = self.accelerator.prepare(self.objective, self.optimizer)
+        self.trainables = {n: p for n, p in self.objective.named_parameters() if p.requires_grad}
+        self.start_step = 0
+        if self.checkpoint is not None:
+            self._restore(self.checkpoint)
+
+    def _resolution(self) -> int:
+        native = native_size(self.pipe)[0]
+        resolution = self.config.resolution or native
+        multiple = self.pipe.vae_scale_factor * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
+        if resolution % multiple:
+            raise SpectralDiffusionError(f"--resolution {resolution} must be a multiple of {multiple} for this model")
+        return resolution
+
+    def _band(self) -> int:
+        """The band of the checkpoint being resumed, else `--band` (auto: the next free one for this base)."""
+        config = self.config
+        if self.checkpoint is not None:
+            return int(self.checkpoint["settings"]["band"])
+        if not self.spectral:
+            if config.band != "auto":
+                log.warning("--band is ignored by the %s variant, which does not use SVD bands", config.variant)
+            return 0
+        band = choose_band(config.band, config.rank, self.fingerprint, self.out, config.concepts_dir)
+        log.info("training %s in band %d (singular vectors %d..%d of every targeted layer)",
+                 config.token, band, band * config.rank, (band + 1) * config.rank - 1)
+        return band
+
+    def _param_groups(self) -> list[dict]:
+        lr_unet, lr_text, lr_emb = self.config.learning_rates()
+        decay = self.config.weight_decay
+        by_part = {part: {k: v for k, v in self.wrappers.items() if k.startswith(part + ".")}
+                   for part in ("unet", "text_encoder")}
+        groups = [
+            {"params": trainable_parameters(by_part["unet"], ADAPTER_NAME), "lr": lr_unet, "weight_decay": decay},
+            {"params": trainable_parameters(by_part["text_encoder"], ADAPTER_NAME), "lr": lr_text,
+             "weight_decay": decay},
+            {"params": [self.embeddings.rows], "lr": lr_emb, "weight_decay": 0.0},
+        ]
+        for group in groups:
+            if group["lr"] == 0:
+                for p in group["params"]:
+                    p.requires_grad_(False)  # frozen, not "trained with lr 0": it must stay bit-identical
+        kept = [g for g in groups if g["params"] and g["lr"] > 0]
+        if not kept:
+            raise SpectralDiffusionError("nothing to train: every learning rate is 0")
+        return kept
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+
+    def settings(self) -> dict[str, Any]:
+        """The training settings stored in the concept file; resuming requires all of them unchanged."""
+        c = self.config
+        lr_unet, lr_text, lr_emb = c.learning_rates()
+        return {
+            "base_fingerprint": self.fingerprint, "token": c.token, "class_word": c.class_word,
+            "variant": c.variant, "band": self.band, "rank": c.rank, "targets": c.targets,
+            "train_singular_values": c.train_singular_values, "steps": c.steps, "batch_size": c.batch_size,
+            "grad_accum": c.grad_accum, "resolution": self.resolution, "lr_unet": lr_unet, "lr_text": lr_text,
+            "lr_emb": lr_emb, "warmup_steps": self.warmup, "weight_decay": c.weight_decay,
+            "max_grad_norm": c.max_grad_norm, "seed": c.seed, "noise_offset": c.noise_offset,
+            "snr_gamma": c.snr_gamma, "num_vectors": c.num_vectors, "emb_norm_cap": self.norm_cap,
+            "prior_weight": c.prior_weight if self.prior else 0.0, "mask_floor": c.mask_floor, "flip": c.flip,
+            "images": [e.name for e in self.data.examples],
+            "prior_images": len(self.prior) if self.prior else 0,
+            "processes": self.accelerator.num_processes,
+        }
+
+    def _save_checkpoint(self, step: int) -> None:
+        """Main process only, no barrier: data-parallel replicas hold identical weights, and a crash path must not
+        wait for processes that may be gone."""
+        if not self.accelerator.is_main_process:
+            return
+        state = {
+            "settings": self.settings(),
+            "trainables": {n: p.detach().cpu().clone() for n, p in self.trainables.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+        }
+        if self.accelerator.scaler is not None:
+            state["scaler"] = self.accelerator.scaler.state_dict()
+        save_checkpoint(self.ckpt_dir, step, state)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        check_same_settings(state["settings"], self.settings(), self.ckpt_dir)
+        trainables = self.trainables
+        if set(trainables) != set(state["trainables"]):
+            raise SpectralDiffusionError(f"checkpoint {state['path']} does not match this model's adapters")
+        with torch.no_grad():
+            for name, param in trainables.items():
+                param.copy_(state["trainables"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if "scaler" in state and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        set_rng_states(state["rng"])
+        self.start_step = int(state["step"])
+        log.info("resuming from %s (step %d of %d)", state["path"], self.start_step, self.config.steps)
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+
+    def _encode_captions(self, captions: list[str]) -> torch.Tensor:
+        tokenizer = self.pipe.tokenizer
+        return tokenizer(expand_prompt(tokenizer, captions), padding="max_length", truncation=True,
+                         max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+
+    def _batch(self, micro_step: int, generator: torch.Generator) -> dict:
+        """`batch_size` concept images, then as many prior images if there is a prior folder."""
+        size = self.config.batch_size
+        slot = (micro_step * self.accelerator.num_processes + self.accelerator.process_index) * size
+        batch = self.data.batch(sample_order(len(self.data), self.config.seed, slot, size), generator)
+        if self.prior is not None:
+            prior_order = sample_order(len(self.prior), self.config.seed + _PRIOR_SEED_OFFSET, slot, size)
+            prior = self.prior.batch(prior_order, generator)
+            batch = {k: torch.cat([batch[k], prior[k]]) if k != "captions" else batch[k] + prior[k] for k in batch}
+        return batch
+
+    def _loss(self, micro_step: int) -> torch.Tensor:
+        generator = step_generator(self.config.seed, micro_step, self.accelerator.process_index)
+        batch = self._batch(micro_step, generator)
+        device, vae = self.accelerator.device, self.pipe.vae
+        with torch.no_grad():
+            pixels = batch["pixel_values"].to(device, vae.dtype)
+            latents = vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
+        latents = latents.float()
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        if self.config.noise_offset:
+            offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(device)
+            noise = noise + self.config.noise_offset * offset
+        schedule = self.noise_scheduler
+        timesteps = torch.randint(0, schedule.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=generator).to(device)
+        noisy = schedule.add_noise(latents, noise, timesteps)
+        v_prediction = schedule.config.prediction_type == "v_prediction"
+        target = schedule.get_velocity(latents, noise, timesteps) if v_prediction else noise
+        input_ids = self._encode_captions(batch["captions"]).to(device)
+        pred = self.model(noisy.to(self.weight_dtype), timesteps, input_ids)
+        per_sample = masked_mse(pred, target, batch["masks"].to(device), self.config.mask_floor)
+        if self.config.snr_gamma > 0:
+            per_sample = per_sample * snr_weights(schedule, timesteps, self.config.snr_gamma)
+        n = self.config.batch_size
+        loss = per_sample[:n].mean()
+        if self.prior is not None:
+            loss = loss + self.config.prior_weight * per_sample[n:].mean()
+        return loss
+
+    def _train_step(self, step: int) -> float:
+        """One optimizer step of `grad_accum` micro-batches; returns the mean loss."""
+        losses = []
+        for k in range(self.config.grad_accum):
+            with self.accelerator.accumulate(self.model):
+                loss = self._loss(step * self.config.grad_accum + k)
+                self.accelerator.backward(loss)
+                losses.append(float(loss.detach()))
+                if self.accelerator.sync_gradients and self.config.max_grad_norm > 0:
+                    self.accelerator.clip_grad_norm_(list(self.trainables.values()), self.config.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        if self.norm_cap > 0:
+            self.embeddings.cap_norms(self.norm_cap)
+        return sum(losses) / len(losses)
+
+    def run(self) -> Path:
+        """Train to `config.steps`, checkpointing on schedule and on Ctrl-C; write the concept; return its path."""
+        config = self.config
+        step = self.start_step
+        bar = tqdm(total=config.steps, initial=step, desc=f"training {config.token}", unit="step",
+                   disable=not self.accelerator.is_local_main_process)
+        self.model.train()
+        try:
+            with deferred_interrupt() as interrupted:
+                while step < config.steps:
+                    loss = self._train_step(step)
+                    step += 1
+                    lr = self.lr_scheduler.get_last_lr()[0]
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                    if self.on_step is not None:
+                        self.on_step(StepInfo(step, config.steps, loss, lr))
+                    if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+                        self._save_checkpoint(step)
+                    if config.validate_every and step % config.validate_every == 0 and config.validation_prompts:
+                        self._validate(step)
+                    if interrupted():
+                        raise KeyboardInterrupt
+        except BaseException:  # Ctrl-C, out of memory, a failing callback...: keep the steps done so far
+            bar.close()
+            if step > self.start_step:
+                self._save_checkpoint(step)
+                log.warning("stopped at step %d: checkpoint written to %s; the same command with --resume "
+                            "continues from there", step, self.ckpt_dir)
+            raise
+        bar.close()
+        return self._finish()
+
+    # ---- samples and output --------------------------------------------------------------------------------
+
+    def default_prompt(self) -> str:
+        return fill_caption(CONCEPT_TEMPLATE, self.config.token, self.config.class_word)
+
+    def _sample(self, prompt: str, n: int) -> list:
+        self.model.eval()
+        try:
+            settings = GenerationSettings(prompt=prompt, steps=self.config.sample_steps, seed=self.config.seed, n=n,
+                                          size=(self.resolution, self.resolution), scheduler="ddim")
+            return generate(self.pipe, settings, model=self.config.base, concepts={self.config.token: 1.0})
+        finally:
+            self.model.train()
+
+    def _validate(self, step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        folder = self.out.with_name(self.out.stem + "_samples")
+        for i, prompt in enumerate(self.config.validation_prompts):
+            (sample,) = self._sample(prompt, 1)
+            _save_png(folder / f"step-{step:06d}-{i}.png", sample.image, sample.parameters)
+
+    def _finish(self) -> Path:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return self.out
+        self.embeddings.write()
+        config = self.config
+        layers = adapter_state(self.wrappers, ADAPTER_NAME)
+        meta = ConceptMeta(variant=config.variant, rank=config.rank, band=self.meta_band, targets=config.targets,
+                           base_fingerprint=self.fingerprint, token=config.token, token_names=self.token_names,
+                           class_word=config.class_word, training=self.settings())
+        save_concept(self.out, Concept(meta=meta, layers=layers,
+                                       token_embeddings=self.embeddings.rows.detach().float().cpu()),
+                     overwrite=config.overwrite)
+        shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        if self.spectral:
+            register_band(self.fingerprint, BandUse(self.band, config.rank, config.token, str(self.out)))
+        self._write_sidecar(None)  # listable at once, even if the (slow) preview is interrupted
+        log.info("wrote %s", self.out)
+        preview = self._preview()
+        if preview is not None:
+            self._write_sidecar(preview)
+        return self.out
+
+    @property
+    def meta_band(self) -> int | None:
+        """The band written to the concept file and sidecar: None for the band-less lora/ortho baselines."""
+        return self.band if self.spectral else None
+
+    def _preview(self) -> Path | None:
+        """A grid of `preview_images` samples per prompt (validation prompts, else the default caption)."""
+        n = self.config.preview_images
+        if n == 0:
+            return None
+        prompts = list(self.config.validation_prompts) or [self.default_prompt()]
+        images = [g.image for p in prompts for g in self._sample(p, n)]
+        path = self.out.with_name(self.out.stem + ".preview.png")
+        return _save_png(path, make_image_grid(images, rows=len(prompts), cols=n), "\n".join(prompts))
+
+    def _write_sidecar(self, preview: Path | None) -> None:
+        """`<stem>.json`: what the app and other tools show without opening the concept file (docs/training.md)."""
+        c = self.config
+        sidecar = {
+            "name": self.out.stem,
+            "concept_file": self.out.name,
+            "trigger_words": [c.token],
+            "token": c.token,
+            "token_names": self.token_names,
+            "class_word": c.class_word,
+            "example_prompt": self.default_prompt(),
+            "recommended_weight": 1.0,
+            "base_model": _spec_for_listing(c.base),
+            "base_fingerprint": self.fingerprint,
+            "variant": c.variant,
+            "band": self.meta_band,
+            "rank": c.rank,
+            "targets": c.targets,
+            "steps": c.steps,
+            "images": len(self.data),
+            "preview": preview.name if preview else None,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        path = self.out.with_name(self.out.stem + ".json")
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n",
+                                                      encoding="utf-8"))
+
+
+def _spec_for_listing(spec: str) -> str:
+    """A base given as a local path, made absolute so the sidecar stays valid from any working directory."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if spec != "toy" and path.exists() else spec
+
+
+def _save_png(path: Path, image: Image.Image, parameters: str) -> Path:
+    """Write a PNG atomically with an A1111-style `parameters` text chunk."""
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def train(config: TrainConfig, pipe: StableDiffusionPipeline | None = None,
+          on_step: Callable[[StepInfo], None] | None = None) -> Path:
+    """Train a concept as `config` says and return the path of the concept file written."""
+    return Trainer(config, pipe, on_step).run()
