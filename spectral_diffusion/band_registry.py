@@ -16,10 +16,10 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from spectral_diffusion.atomic import atomic_write
 from spectral_diffusion.concept_file import read_meta
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.svd_cache import default_cache_dir
-from spectral_diffusion.training.checkpoint import atomic_write
 
 log = logging.getLogger(__name__)
 REGISTRY_VERSION = 1

@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from spectral_diffusion import __version__
 from spectral_diffusion.adapters.config import SPECTRAL_VARIANTS
 from spectral_diffusion.adapters.layers import Factors, adapter_type, delta_factors
+from spectral_diffusion.atomic import atomic_write
 from spectral_diffusion.errors import SpectralDiffusionError
-from spectral_diffusion.training.checkpoint import atomic_write
 
 FORMAT_VERSION = 1
 METADATA_KEY = "spectral_diffusion"

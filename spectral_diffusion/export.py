@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import save_file
 
 from spectral_diffusion.adapters.layers import Factors
+from spectral_diffusion.atomic import atomic_write
 from spectral_diffusion.concept_file import Concept, load_concept
 from spectral_diffusion.errors import SpectralDiffusionError
-from spectral_diffusion.training.checkpoint import atomic_write
 
 FORMATS = ("peft", "kohya")
 _CONV_1X1 = (".proj_in", ".proj_out")

@@ -20,9 +20,7 @@ Baselines, for the quality benchmark (they accept every adapter variant):
 from __future__ import annotations
 
 import json
-import shutil
 import time
-import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,6 +36,7 @@ from spectral_diffusion.adapters.config import SPECTRAL_VARIANTS
 from spectral_diffusion.adapters.inject import adapter_layers, load_adapter, remove_adapters
 from spectral_diffusion.adapters.layers import Factors, layer_generator, unwrap
 from spectral_diffusion.adapters.targets import adaptable_layers
+from spectral_diffusion.atomic import atomic_directory
 from spectral_diffusion.bands import weight_matrix
 from spectral_diffusion.concept_file import Concept, ConceptMeta, load_concept
 from spectral_diffusion.errors import SpectralDiffusionError
@@ -437,21 +436,9 @@ def save_fused(pipe: StableDiffusionPipeline, report: FusionReport, out: str | P
         raise SpectralDiffusionError(
             f"--format lora needs a method whose result is an exact sum of factors ({', '.join(LOW_RANK_METHODS)}); "
             f"{report.method} gives dense weight changes: write diffusers or single-file")
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.tmp")
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out) as tmp:
         written = _write(pipe, report, tmp, fmt, out.name, lora_format)
         (tmp / FUSION_JSON).write_text(json.dumps({**report.to_dict(), "output_format": fmt}, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.old")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return [out / p.relative_to(tmp) for p in written]
 
 

@@ -17,8 +17,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
+from spectral_diffusion.atomic import atomic_write
 from spectral_diffusion.errors import SpectralDiffusionError
-from spectral_diffusion.training.checkpoint import atomic_write
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

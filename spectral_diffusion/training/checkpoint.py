@@ -1,4 +1,4 @@
-"""Training checkpoints that a resumed run continues from bit for bit, and the atomic file writes they rely on.
+"""Training checkpoints that a resumed run continues from bit for bit.
 
 A checkpoint is one `step-NNNNNN.pt` file in `<out>.ckpt/`: the trainable tensors, optimizer, LR-scheduler and
 grad-scaler states, the RNG states of torch/numpy/python, the step reached and the settings that must not change
@@ -10,36 +10,18 @@ that fills up) never leaves a run without a readable checkpoint.
 from __future__ import annotations
 
 import logging
-import os
 import random
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from spectral_diffusion.atomic import atomic_write
 from spectral_diffusion.errors import SpectralDiffusionError
 
 log = logging.getLogger(__name__)
 KEEP = 2
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a fresh temp path beside `path`, then rename it over `path` (never a half-written file).
-
-    The temp file is created by `write` itself, so it gets the usual permissions (mkstemp's would be 0600).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def checkpoint_dir(out: str | Path) -> Path:

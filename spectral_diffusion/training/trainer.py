@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from spectral_diffusion.adapters import adapter_state, inject_adapters, trainable_parameters
+from spectral_diffusion.atomic import atomic_write
 from spectral_diffusion.band_registry import BandUse, choose_band, register_band
 from spectral_diffusion.concept_file import Concept, ConceptMeta, save_concept
 from spectral_diffusion.errors import SpectralDiffusionError
@@ -52,7 +53,6 @@ from spectral_diffusion.tokens import (
     token_ids,
 )
 from spectral_diffusion.training.checkpoint import (
-    atomic_write,
     check_same_settings,
     checkpoint_dir,
     load_latest,
