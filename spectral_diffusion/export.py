@@ -106,7 +106,11 @@ def export_lora(
               "base_fingerprint": meta.base_fingerprint, "format": fmt}  # fmt: skip
     metadata = {"format": "pt", "spectral_diffusion_export": json.dumps(source, sort_keys=True)}
     atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    token = meta.token.lower()
-    embedding = {token: concept.token_embeddings.detach().to(torch.float32).contiguous()}
-    atomic_write(ti_out, lambda tmp: save_file(embedding, tmp, metadata={"format": "pt"}))
-    return Exported(out, ti_out, token)
+    write_textual_inversion(ti_out, meta.token, concept.token_embeddings)
+    return Exported(out, ti_out, meta.token.lower())
+
+
+def write_textual_inversion(path: str | Path, token: str, rows: torch.Tensor) -> Path:
+    """Write `{token: [n_vectors, dim]}` (fp32, token lower-cased: see `export_lora`), atomically."""
+    embedding = {token.lower(): rows.detach().to("cpu", torch.float32).contiguous()}
+    return atomic_write(path, lambda tmp: save_file(embedding, tmp, metadata={"format": "pt"}))

@@ -40,7 +40,7 @@ from spectral_diffusion.atomic import atomic_directory
 from spectral_diffusion.bands import weight_matrix
 from spectral_diffusion.concept_file import Concept, ConceptMeta, load_concept
 from spectral_diffusion.errors import SpectralDiffusionError
-from spectral_diffusion.export import lora_state_dict
+from spectral_diffusion.export import lora_tensors, write_textual_inversion
 from spectral_diffusion.fingerprint import base_fingerprint
 from spectral_diffusion.single_file import CLIP_PREFIX, pipeline_to_ldm
 from spectral_diffusion.tokens import add_concept_tokens, check_new_token, token_ids
@@ -210,29 +210,9 @@ def check_concepts(concepts: Sequence[tuple[Concept, str | None]], fingerprint: 
 
 
 def add_tokens(pipe: StableDiffusionPipeline, concepts: Sequence[Concept]) -> None:
-    """Add the concepts' tokens and embedding rows to the pipeline's tokenizer and text encoder.
-
-    The embedding matrix is sized once up front, so `add_concept_tokens` finds its rows already there.
-    """
-    resize_embeddings(pipe.text_encoder, len(pipe.tokenizer) + sum(len(c.meta.token_names) for c in concepts))
+    """Add the concepts' tokens and embedding rows to the pipeline's tokenizer and text encoder."""
     for concept in concepts:
         add_concept_tokens(pipe.tokenizer, pipe.text_encoder, concept.meta.token, concept.token_embeddings)
-
-
-def resize_embeddings(text_encoder: nn.Module, rows: int) -> None:
-    """Keep the first `rows` token-embedding rows; rows beyond the old ones are left uninitialised for the caller.
-
-    transformers' own resize draws a random init for the whole new matrix, ~1 s for CLIP's 49k rows on a CPU,
-    which would dominate adding or removing a concept.
-    """
-    old = text_encoder.get_input_embeddings().weight
-    if old.shape[0] == rows:
-        return
-    new = old.new_empty(rows, old.shape[1])
-    kept = min(rows, old.shape[0])
-    new[:kept] = old[:kept].detach()
-    text_encoder.get_input_embeddings().weight = nn.Parameter(new, requires_grad=old.requires_grad)
-    text_encoder.resize_token_embeddings(rows)  # same size now: only updates num_embeddings and the config
 
 
 # ---- fusing ------------------------------------------------------------------------------------------------
@@ -459,7 +439,7 @@ def _write(pipe: StableDiffusionPipeline, report: FusionReport, folder: Path, fm
     if fmt == "single-file":
         save_file(_ldm_without_new_tokens(pipe, report), main, metadata={"format": "pt"})
     else:
-        tensors = lora_state_dict(_as_lora_concept(report), lora_format)
+        tensors = lora_tensors(report.low_rank, lora_format)
         meta = {"method": report.method, "base_fingerprint": report.base_fingerprint,
                 "concepts": [c.token for c in report.concepts], "weights": report.weights}
         save_file(tensors, main, metadata={"format": "pt", "spectral_diffusion_fusion": json.dumps(meta)})
@@ -478,14 +458,6 @@ def _ldm_without_new_tokens(pipe: StableDiffusionPipeline, report: FusionReport)
     return state
 
 
-def _as_lora_concept(report: FusionReport) -> Concept:
-    """The merged factors as a `lora` concept, so export.py's key writer produces the LoRA file."""
-    layers = {name: {"up": up.float().cpu(), "down": down.float().cpu()} for name, (up, down) in report.low_rank.items()}
-    meta = ConceptMeta(variant="lora", rank=max(d.shape[0] for _, d in report.low_rank.values()), band=None,
-                       targets="fused", base_fingerprint=report.base_fingerprint, token="", token_names=[])
-    return Concept(meta, layers, torch.zeros(0, 0))
-
-
 def _write_embeddings(pipe: StableDiffusionPipeline, report: FusionReport, folder: Path) -> list[Path]:
     """One textual-inversion file per concept, `{token: [n_vectors, dim]}` as export.py writes them, named after
     the token without brackets (A1111 uses the file name as the trigger word)."""
@@ -493,10 +465,8 @@ def _write_embeddings(pipe: StableDiffusionPipeline, report: FusionReport, folde
     weight = pipe.text_encoder.get_input_embeddings().weight.detach()
     paths = []
     for concept in report.concepts:
-        rows = weight[token_ids(pipe.tokenizer, concept.token_names)].float().cpu().contiguous()
-        path = folder / f"{_file_stem(concept.token)}.safetensors"
-        save_file({concept.token.lower(): rows}, path, metadata={"format": "pt"})
-        paths.append(path)
+        rows = weight[token_ids(pipe.tokenizer, concept.token_names)]
+        paths.append(write_textual_inversion(folder / f"{_file_stem(concept.token)}.safetensors", concept.token, rows))
     return paths
 
 

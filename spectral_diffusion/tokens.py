@@ -56,13 +56,28 @@ def add_concept_tokens(tokenizer: PreTrainedTokenizerBase, text_encoder: PreTrai
     names = token_names(token, embeddings.shape[0])
     check_new_token(tokenizer, token, len(names))
     tokenizer.add_tokens([AddedToken(name, normalized=False) for name in names])
-    requires_grad = old.weight.requires_grad
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    resize_embeddings(text_encoder, len(tokenizer))
     weight = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         weight[token_ids(tokenizer, names)] = embeddings.to(weight.dtype)
-    weight.requires_grad_(requires_grad)
     return names
+
+
+def resize_embeddings(text_encoder: PreTrainedModel, rows: int) -> None:
+    """Keep the first `rows` token-embedding rows (bit-identical, same `requires_grad`); new rows are left
+    uninitialised for the caller.
+
+    transformers' own resize draws a random init for the whole new matrix, ~1 s for CLIP's 49k rows on a CPU,
+    which would dominate adding or removing a concept.
+    """
+    old = text_encoder.get_input_embeddings().weight
+    if old.shape[0] == rows:
+        return
+    new = old.new_empty(rows, old.shape[1])
+    kept = min(rows, old.shape[0])
+    new[:kept] = old[:kept].detach()
+    text_encoder.get_input_embeddings().weight = nn.Parameter(new, requires_grad=old.requires_grad)
+    text_encoder.resize_token_embeddings(rows)  # same size now: only updates num_embeddings and the config
 
 
 def token_ids(tokenizer: PreTrainedTokenizerBase, names: list[str]) -> list[int]:
