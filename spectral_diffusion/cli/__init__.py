@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from spectral_diffusion.errors import SpectralDiffusionError
@@ -33,8 +34,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _MessageFormat(logging.Formatter):
+    """Info lines as they are, warnings prefixed: what a user reads on the terminal, not a log."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "warning: " if record.levelno >= logging.WARNING else ""
+        return prefix + record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logger = logging.getLogger("spectral_diffusion")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_MessageFormat())
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
         return int(args.func(args) or 0)
     except SpectralDiffusionError as exc:
@@ -43,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from spectral_diffusion.models import add_base_arguments
@@ -36,7 +35,6 @@ def run(args: argparse.Namespace) -> int:
     from spectral_diffusion.ui.app import launch
     from spectral_diffusion.ui.backend import Backend, BaseModel
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     base = BaseModel.from_args(args)
     backend = Backend(base.load(), base=base, concepts_dir=args.concepts_dir, output_dir=args.output_dir)
     launch(backend, host=args.host, port=args.port, share=args.share)

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from spectral_diffusion.models import add_base_arguments
 
@@ -115,28 +111,6 @@ def _band(text: str) -> int | str:
     return band
 
 
-class _Format(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        prefix = "warning: " if record.levelno >= logging.WARNING else ""
-        return prefix + record.getMessage()
-
-
-@contextmanager
-def _progress_messages() -> Iterator[None]:
-    """Print this package's info and warning lines on stderr while the command runs."""
-    logger = logging.getLogger("spectral_diffusion")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Format())
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
 def run(args: argparse.Namespace) -> int:
     from spectral_diffusion.training.config import TrainConfig
     from spectral_diffusion.training.trainer import train
@@ -156,6 +130,5 @@ def run(args: argparse.Namespace) -> int:
         validate_every=args.validate_every, sample_steps=args.sample_steps, preview_images=args.preview_images,
         concepts_dir=args.concepts_dir, overwrite=args.overwrite,
     )
-    with _progress_messages():
-        print(train(config))
+    print(train(config))
     return 0
