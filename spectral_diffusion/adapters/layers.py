@@ -1,0 +1,385 @@
+"""Adapter modules (additive, rotational, lora, ortho) and the wrapper that adds them to a frozen layer.
+
+Every variant reports its weight change as exact factors ``dW = up @ down`` computed from its state tensors
+alone, so the forward pass, merging, fusion and LoRA export share one implementation (``Adapter.factors``)
+and the forward costs ``O(k (in + out))`` per token without ever rebuilding ``W``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spectral_diffusion.adapters.config import AdapterConfig
+from spectral_diffusion.bands import cayley, is_linear_map, skew_from_params, weight_matrix
+from spectral_diffusion.errors import SpectralDiffusionError
+
+Factors = tuple[torch.Tensor, torch.Tensor]
+
+
+class Adapter(nn.Module):
+    """One adapter of one layer, holding exactly its state tensors under their state names.
+
+    ``layout`` names each state tensor's dimensions: ``out``/``in`` (the layer's), ``r`` (the rank) and
+    ``pairs`` (``r(r-1)/2``, the free values of a skew-symmetric matrix). Frozen tensors are buffers, the
+    rest trainable parameters.
+    """
+
+    variant: ClassVar[str]
+    layout: ClassVar[dict[str, tuple[str, ...]]]
+    optional: ClassVar[frozenset[str]] = frozenset()
+    frozen: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        sizes = self.validate(state)
+        self.out_features, self.in_features, self.rank = sizes["out"], sizes["in"], sizes["r"]
+        self._keys = [key for key in self.layout if key in state]
+        for key in self._keys:
+            value = state[key].detach().clone()
+            if key in self.frozen:
+                self.register_buffer(key, value)
+            else:
+                self.register_parameter(key, nn.Parameter(value))
+
+    @classmethod
+    def validate(cls, state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        """Check keys and shapes of a state dict; return its sizes (``out``, ``in``, ``r``)."""
+        missing = [k for k in cls.layout if k not in cls.optional and k not in state]
+        unexpected = [k for k in state if k not in cls.layout]
+        if missing or unexpected:
+            raise SpectralDiffusionError(
+                f"{cls.variant} adapter state has missing tensors {missing} and unexpected tensors {unexpected}"
+            )
+        sizes: dict[str, int] = {}
+        for key, dims in cls.layout.items():
+            if key not in state:
+                continue
+            shape = tuple(state[key].shape)
+            expected = tuple(
+                sizes["r"] * (sizes["r"] - 1) // 2 if d == "pairs" else sizes.setdefault(d, n)
+                for d, n in zip(dims, shape, strict=False)
+            )
+            if len(shape) != len(dims) or shape != expected:
+                raise SpectralDiffusionError(
+                    f"{cls.variant} adapter tensor {key!r} has shape {shape}, inconsistent with "
+                    f"{dict(sizes)} (expected dimensions {dims})"
+                )
+        return sizes
+
+    @staticmethod
+    def factors(t: Mapping[str, torch.Tensor]) -> Factors:
+        """Exact ``(up [out, k], down [k, in])`` with ``dW = up @ down``, differentiable, in ``t``'s dtype."""
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The live state tensors (parameters and buffers), by state name."""
+        return {key: getattr(self, key) for key in self._keys}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Detached copies of everything needed to rebuild this adapter with ``type(self)(state)``."""
+        return {key: t.detach().clone() for key, t in self.tensors().items()}
+
+    def delta_factors(self) -> Factors:
+        """fp32 ``(up, down)`` of this adapter's weight change (same code path as concept files)."""
+        return delta_factors(self.variant, self.tensors())
+
+    def correction(self, x: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
+        """``dW x`` for ``x [..., in]`` (``[..., in, H, W]`` when ``channels_first``) via the factors.
+
+        Never forms a dense ``dW``; runs in ``x``'s dtype, which must be the adapter's. Pointwise-conv inputs
+        go through two 1x1 convolutions rather than a channels-last copy of the activations.
+        """
+        up, down = self.factors(self.tensors())
+        if channels_first:
+            return F.conv2d(F.conv2d(x, down[:, :, None, None]), up[:, :, None, None])
+        return F.linear(F.linear(x, down), up)
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(self, self._keys[0]).dtype
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_features} -> {self.out_features}, rank={self.rank}, trainable={self.num_trainable()}"
+        )
+
+
+class BandAdapter(Adapter):
+    """A Spectral Adapter on one SVD band: frozen slices ``U [out,r]``, ``S [r]``, ``V [in,r]`` + trainables."""
+
+    frozen = frozenset({"U", "S", "V"})
+
+    @classmethod
+    def from_band(
+        cls, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, *, train_singular_values: bool = True
+    ) -> BandAdapter:
+        """A fresh adapter whose trainables are zero, so its correction is exactly zero."""
+        r = s.shape[0]
+        sizes = {"out": u.shape[0], "in": v.shape[0], "r": r, "pairs": r * (r - 1) // 2}
+        state = {"U": u, "S": s, "V": v}
+        for key, dims in cls.layout.items():
+            if key not in state and (key not in cls.optional or train_singular_values):
+                state[key] = u.new_zeros([sizes[d] for d in dims])
+        return cls(state)
+
+
+class AdditiveAdapter(BandAdapter):
+    """``U' = U + A``, ``V' = V + B``, ``s' = s + c``: a rank-``2r`` change inside and around the band."""
+
+    variant = "additive"
+    layout = {
+        "U": ("out", "r"),
+        "S": ("r",),
+        "V": ("in", "r"),
+        "A": ("out", "r"),
+        "B": ("in", "r"),
+        "c": ("r",),
+    }
+    optional = frozenset({"c"})
+
+    @staticmethod
+    def factors(t: Mapping[str, torch.Tensor]) -> Factors:
+        # U'S'V'^T - USV^T = U (diag(c) V^T + diag(s') B^T) + (A diag(s')) V'^T. Unlike the textbook
+        # [U'S', -US][V', V]^T, no term cancels a large one: zero trainables give an exactly-zero correction
+        # (bit-identical outputs at init) and small ones keep full relative precision.
+        u, v, a, b = t["U"], t["V"], t["A"], t["B"]
+        s_new = t["S"] + t["c"] if "c" in t else t["S"]
+        inner = s_new[:, None] * b.mT
+        if "c" in t:
+            inner = inner + t["c"][:, None] * v.mT
+        return torch.cat([u, a * s_new], dim=1), torch.cat([inner, (v + b).mT], dim=0)
+
+
+class RotationalAdapter(BandAdapter):
+    """``U' = U Q_u``, ``V' = V Q_v`` (Cayley rotations), ``s' = s (1 + d)``: a rank-``r`` change in the band.
+
+    Row and column spaces of ``dW`` stay inside the band, so concepts in different bands are orthogonal.
+    """
+
+    variant = "rotational"
+    layout = {
+        "U": ("out", "r"),
+        "S": ("r",),
+        "V": ("in", "r"),
+        "Ku": ("pairs",),
+        "Kv": ("pairs",),
+        "d": ("r",),
+    }
+    optional = frozenset({"d"})
+
+    @staticmethod
+    def factors(t: Mapping[str, torch.Tensor]) -> Factors:
+        u, s, v = t["U"], t["S"], t["V"]
+        r = s.shape[0]
+        s_new = s * (1 + t["d"]) if "d" in t else s
+        q_u, q_v = cayley(skew_from_params(torch.stack([t["Ku"], t["Kv"]]), r))
+        core = (q_u * s_new) @ q_v.mT - torch.diag(s)
+        return u @ core, v.mT
+
+
+class LowRankAdapter(Adapter):
+    """A LoRA-style baseline: ``dW = up @ down`` with ``up`` zero-initialised."""
+
+    layout = {"down": ("r", "in"), "up": ("out", "r")}
+
+    @staticmethod
+    def factors(t: Mapping[str, torch.Tensor]) -> Factors:
+        return t["up"], t["down"]
+
+    @classmethod
+    def initial_down(cls, in_features: int, rank: int, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def fresh(
+        cls, out_features: int, in_features: int, rank: int, generator: torch.Generator
+    ) -> LowRankAdapter:
+        down = cls.initial_down(in_features, rank, generator)
+        return cls({"down": down, "up": down.new_zeros(out_features, rank)})
+
+
+class LoRAAdapter(LowRankAdapter):
+    """Plain LoRA: ``down`` Kaiming-uniform (as nn.Linear and PEFT), both factors trained."""
+
+    variant = "lora"
+
+    @classmethod
+    def initial_down(cls, in_features: int, rank: int, generator: torch.Generator) -> torch.Tensor:
+        down = torch.empty(rank, in_features)
+        return nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
+
+
+class OrthoAdapter(LowRankAdapter):
+    """Orthogonal Adaptation: ``down`` is ``r`` frozen orthonormal rows, random per concept and layer.
+
+    The rows come from the QR of a Gaussian seeded by (concept seed, layer name), so two concepts get
+    different (nearly orthogonal) input subspaces; the paper's reference code reused one basis for all.
+    """
+
+    variant = "ortho"
+    frozen = frozenset({"down"})
+
+    @classmethod
+    def initial_down(cls, in_features: int, rank: int, generator: torch.Generator) -> torch.Tensor:
+        gaussian = torch.randn(in_features, rank, generator=generator, dtype=torch.float64)
+        return torch.linalg.qr(gaussian).Q.mT.to(torch.float32).contiguous()
+
+
+ADAPTER_TYPES: dict[str, type[Adapter]] = {
+    cls.variant: cls for cls in (AdditiveAdapter, RotationalAdapter, LoRAAdapter, OrthoAdapter)
+}
+
+
+def adapter_type(variant: str) -> type[Adapter]:
+    try:
+        return ADAPTER_TYPES[variant]
+    except KeyError:
+        raise SpectralDiffusionError(
+            f"unknown adapter variant {variant!r}; choose one of {', '.join(ADAPTER_TYPES)}"
+        ) from None
+
+
+def delta_factors(variant: str, state: Mapping[str, torch.Tensor]) -> Factors:
+    """fp32 ``(up [out, k], down [k, in])`` with ``dW = up @ down``, from a variant's state tensors alone.
+
+    ``k`` is ``2r`` for additive and ``r`` for rotational, lora and ortho. Validates the state (concept
+    files arrive here), then runs the same ``factors`` as the live module's forward.
+    """
+    cls = adapter_type(variant)
+    cls.validate(state)
+    return cls.factors({key: t.float() for key, t in state.items()})
+
+
+def layer_generator(seed: int, layer_name: str) -> torch.Generator:
+    """A CPU generator seeded from (seed, layer name): deterministic, different for every layer and seed."""
+    digest = hashlib.sha256(f"{seed}:{layer_name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def create_adapter(
+    config: AdapterConfig,
+    layer_name: str,
+    weight_shape: tuple[int, int],
+    band_svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> Adapter:
+    """A freshly initialised adapter for one layer; spectral variants need the band's ``(U, S, V)`` slices."""
+    cls = adapter_type(config.variant)
+    if issubclass(cls, BandAdapter):
+        if band_svd is None:
+            raise ValueError(f"{config.variant} adapters need the band SVD of {layer_name}")
+        return cls.from_band(*band_svd, train_singular_values=config.train_singular_values)
+    assert issubclass(cls, LowRankAdapter)
+    return cls.fresh(*weight_shape, config.rank, layer_generator(config.seed, layer_name))
+
+
+class AdapterLayer(nn.Module):
+    """A frozen Linear / 1x1 Conv2d plus any number of named adapters, each with its own scale.
+
+    ``forward = base(x) + sum(scale_i * correction_i(x))`` over adapters that are not merged and have a
+    nonzero scale; corrections run in each adapter's dtype. ``weight``/``bias`` forward to the base layer
+    because diffusers reads e.g. ``attn.to_q.weight.dtype``.
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        weight_matrix(base)  # refuses layers the band math does not cover
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self.scales: dict[str, float] = {}
+        self.merged: dict[str, float] = {}
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def _adapter(self, name: str) -> Adapter:
+        if name not in self.adapters:
+            raise SpectralDiffusionError(
+                f"no adapter named {name!r} on this layer (has: {list(self.adapters)})"
+            )
+        return self.adapters[name]
+
+    def add_adapter(self, name: str, adapter: Adapter, scale: float = 1.0) -> None:
+        if name in self.adapters:
+            raise SpectralDiffusionError(f"an adapter named {name!r} is already on this layer")
+        shape = tuple(weight_matrix(self.base).shape)
+        if (adapter.out_features, adapter.in_features) != shape:
+            raise SpectralDiffusionError(
+                f"adapter {name!r} is for a {adapter.out_features}x{adapter.in_features} weight, "
+                f"but the layer is {shape[0]}x{shape[1]}"
+            )
+        self.adapters[name] = adapter
+        self.scales[name] = float(scale)
+
+    def set_scale(self, name: str, scale: float) -> None:
+        self._adapter(name)
+        if name in self.merged:
+            raise SpectralDiffusionError(f"adapter {name!r} is merged into the weight; unmerge it first")
+        self.scales[name] = float(scale)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The adapter's dense fp32 ``dW [out, in]`` at scale 1."""
+        up, down = self._adapter(name).delta_factors()
+        return up @ down
+
+    @torch.no_grad()
+    def merge(self, name: str, scale: float | None = None) -> None:
+        """Add ``scale * dW`` (default: the adapter's scale) into the base weight; stop applying it live."""
+        self._adapter(name)
+        if name in self.merged:
+            raise SpectralDiffusionError(f"adapter {name!r} is already merged")
+        scale = self.scales[name] if scale is None else float(scale)
+        weight = weight_matrix(self.base)
+        weight += (scale * self.delta_weight(name)).to(weight.dtype)
+        self.merged[name] = scale
+
+    @torch.no_grad()
+    def unmerge(self, name: str) -> None:
+        """Subtract the merged ``scale * dW`` back out of the base weight."""
+        if name not in self.merged:
+            raise SpectralDiffusionError(f"adapter {name!r} is not merged")
+        weight = weight_matrix(self.base)
+        weight -= (self.merged.pop(name) * self.delta_weight(name)).to(weight.dtype)
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop an adapter, unmerging it first so the base weight is restored."""
+        self._adapter(name)
+        if name in self.merged:
+            self.unmerge(name)
+        del self.adapters[name]
+        del self.scales[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        channels_first = isinstance(self.base, nn.Conv2d)
+        for name, adapter in self.adapters.items():
+            scale = self.scales[name]
+            if name in self.merged or scale == 0.0:
+                continue
+            correction = adapter.correction(x.to(adapter.dtype), channels_first)
+            y = torch.add(y, correction.to(y.dtype), alpha=scale)
+        return y
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The base layer of an AdapterLayer, or the module itself."""
+    return module.base if isinstance(module, AdapterLayer) else module
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """True for layers adapters can wrap, and for existing wrappers (which take more adapters)."""
+    return isinstance(module, AdapterLayer) or is_linear_map(module)

@@ -1,0 +1,79 @@
+"""Which layers get adapters: presets and glob patterns over qualified layer names.
+
+Qualified names are ``unet.<module path>`` and ``text_encoder.<module path>`` (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+from torch import nn
+
+from spectral_diffusion.adapters.layers import AdapterLayer, is_adaptable
+from spectral_diffusion.errors import SpectralDiffusionError
+
+_ATTN = (
+    "unet.*.attn[12].to_[qkv]",
+    "unet.*.attn[12].to_out.0",
+    "text_encoder.*.self_attn.[qkv]_proj",
+    "text_encoder.*.self_attn.out_proj",
+)
+PRESETS: dict[str, tuple[str, ...]] = {
+    "attn": _ATTN,
+    "attn+ff": (
+        *_ATTN,
+        "unet.*.ff.net.0.proj",  # the Linear inside diffusers' GEGLU
+        "unet.*.ff.net.2",
+        "unet.*.proj_in",  # 1x1 Conv2d in SD 1.x, Linear in SD 2.x-style configs
+        "unet.*.proj_out",
+        "text_encoder.*.mlp.fc1",
+        "text_encoder.*.mlp.fc2",
+    ),
+}
+
+
+def components(unet: nn.Module | None, text_encoder: nn.Module | None) -> dict[str, nn.Module]:
+    """The given models by their layer-name prefix."""
+    return {prefix: m for prefix, m in (("unet", unet), ("text_encoder", text_encoder)) if m is not None}
+
+
+def adaptable_layers(unet: nn.Module | None, text_encoder: nn.Module | None) -> dict[str, nn.Module]:
+    """Every Linear / 1x1 Conv2d (or existing adapter wrapper) by qualified name, not looking inside wrappers."""
+    found: dict[str, nn.Module] = {}
+    for prefix, model in components(unet, text_encoder).items():
+        wrapped: list[str] = []
+        for path, module in model.named_modules():
+            if any(path.startswith(w + ".") for w in wrapped):
+                continue
+            if isinstance(module, AdapterLayer):
+                wrapped.append(path)
+            if path and is_adaptable(module):
+                found[f"{prefix}.{path}"] = module
+    return found
+
+
+def find_targets(
+    unet: nn.Module | None, text_encoder: nn.Module | None, targets: str
+) -> dict[str, nn.Module]:
+    """The layers selected by a preset name or comma-separated glob patterns, by qualified name.
+
+    A preset must match something overall; each custom pattern must match at least one layer, so a typo
+    fails loudly instead of training nothing.
+    """
+    candidates = adaptable_layers(unet, text_encoder)
+    preset = PRESETS.get(targets.strip())
+    patterns = preset or tuple(p.strip() for p in targets.split(",") if p.strip())
+    selected: dict[str, nn.Module] = {}
+    for pattern in patterns:
+        matched = {name: m for name, m in candidates.items() if fnmatchcase(name, pattern)}
+        if not matched and preset is None:
+            raise SpectralDiffusionError(
+                f"target pattern {pattern!r} matches no Linear or 1x1 Conv2d layer "
+                "(names look like unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k)"
+            )
+        selected.update(matched)
+    if not selected:
+        raise SpectralDiffusionError(
+            f"targets {targets!r} match no layer of the given models; presets: {', '.join(PRESETS)}"
+        )
+    return dict(sorted(selected.items()))

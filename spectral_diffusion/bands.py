@@ -1,0 +1,106 @@
+"""Band math of the Spectral Adapter: weight views, sign-fixed thin SVD, band slicing, Cayley rotations.
+
+Band ``i`` of rank ``r`` is the singular-vector columns ``[i*r, (i+1)*r)`` (DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spectral_diffusion.errors import SpectralDiffusionError
+
+
+def is_linear_map(module: nn.Module) -> bool:
+    """True for an nn.Linear or a pointwise nn.Conv2d (1x1, stride 1, unpadded, ungrouped).
+
+    Such a convolution is a linear map on channels, so the band math applies to its reshaped weight.
+    """
+    if isinstance(module, nn.Linear):
+        return True
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.kernel_size == (1, 1)
+        and module.stride == (1, 1)
+        and module.padding in ((0, 0), "valid")
+        and module.groups == 1
+    )
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The ``[out, in]`` matrix of a Linear or a 1x1 Conv2d (a view sharing storage with the weight)."""
+    if not is_linear_map(module):
+        raise SpectralDiffusionError(
+            f"cannot adapt a {type(module).__name__}: only nn.Linear and pointwise (1x1, stride 1, "
+            "unpadded, ungrouped) nn.Conv2d layers are supported"
+        )
+    weight = module.weight
+    return weight if weight.dim() == 2 else weight.view(weight.shape[0], weight.shape[1])
+
+
+def band_columns(band: int, rank: int) -> slice:
+    """The singular-vector columns owned by ``band`` at ``rank``."""
+    return slice(band * rank, (band + 1) * rank)
+
+
+def check_band_fits(layer_name: str, shape: tuple[int, ...] | torch.Size, band: int, rank: int) -> None:
+    """Refuse a band that reaches past the layer's ``min(out, in)`` singular vectors."""
+    end = (band + 1) * rank
+    limit = min(shape[0], shape[1])
+    if end > limit:
+        raise SpectralDiffusionError(
+            f"band {band} at rank {rank} needs singular vectors up to column {end}, but layer {layer_name} "
+            f"({shape[0]}x{shape[1]}) has only min(out, in) = {limit}; use a lower band or rank"
+        )
+
+
+def oriented_svd(weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``k`` exact thin SVD ``W ~ U diag(S) V^T`` in fp32, returned as ``(U[out,k], S[k], V[in,k])``.
+
+    Signs are fixed so the same weight gives the same vectors on every call and machine as far as LAPACK
+    allows: in each column of ``U`` the entry of largest magnitude (first one on ties) is positive, and the
+    matching ``V`` column is flipped with it. LAPACK is faster on tall matrices, so a wide ``W`` is
+    decomposed as ``W^T = V S U^T`` and the factors swapped (measured in docs/benchmarks.md).
+    """
+    out_features, in_features = weight.shape
+    if not 0 < k <= min(out_features, in_features):
+        raise SpectralDiffusionError(
+            f"cannot take {k} singular vectors of a {out_features}x{in_features} matrix"
+        )
+    w = weight.detach().to(torch.float32)
+    if out_features >= in_features:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        v = vh.mT
+    else:
+        v, s, uh = torch.linalg.svd(w.mT, full_matrices=False)
+        u = uh.mT
+    u, s, v = u[:, :k], s[:k], v[:, :k]
+    pivot = u.abs().argmax(dim=0, keepdim=True)
+    signs = torch.where(u.gather(0, pivot) < 0, -1.0, 1.0)
+    return (u * signs).contiguous(), s.contiguous(), (v * signs).contiguous()
+
+
+def skew_from_params(params: torch.Tensor, rank: int) -> torch.Tensor:
+    """The ``rank x rank`` skew-symmetric matrices whose strict upper triangles hold ``params [..., pairs]``.
+
+    Values fill the upper triangle row-major; leading dimensions batch several matrices.
+    """
+    expected = rank * (rank - 1) // 2
+    if params.shape[-1:] != (expected,):
+        raise SpectralDiffusionError(
+            f"a rank-{rank} rotation needs {expected} parameters, got shape {tuple(params.shape)}"
+        )
+    rows, cols = torch.triu_indices(rank, rank, offset=1, device=params.device)
+    upper = params.new_zeros(*params.shape[:-1], rank, rank)
+    upper[..., rows, cols] = params
+    return upper - upper.mT
+
+
+def cayley(skew: torch.Tensor) -> torch.Tensor:
+    """Orthogonal ``Q = (I - K)(I + K)^-1`` of skew-symmetric ``K [..., r, r]``; ``Q = I`` exactly at ``K = 0``.
+
+    ``I + K`` is always invertible for skew ``K`` (eigenvalues ``1 + i*t``) and the two factors commute, so
+    ``Q`` is one linear solve, without the error check (a device sync on GPUs) that can never fire.
+    """
+    eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device)
+    return torch.linalg.solve_ex(eye + skew, eye - skew).result

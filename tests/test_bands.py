@@ -1,0 +1,110 @@
+"""Band math: weight views, the sign-fixed SVD, band bounds, Cayley rotations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from spectral_diffusion.bands import (
+    band_columns,
+    cayley,
+    check_band_fits,
+    oriented_svd,
+    skew_from_params,
+    weight_matrix,
+)
+from spectral_diffusion.errors import SpectralDiffusionError
+
+
+def test_weight_matrix_views_linear_and_pointwise_conv() -> None:
+    linear = nn.Linear(5, 3)
+    assert weight_matrix(linear) is linear.weight
+    conv = nn.Conv2d(6, 4, kernel_size=1)
+    matrix = weight_matrix(conv)
+    assert matrix.shape == (4, 6)
+    assert matrix.data_ptr() == conv.weight.data_ptr()  # a view: merging edits the conv in place
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        nn.Conv2d(4, 4, kernel_size=3),
+        nn.Conv2d(4, 4, kernel_size=1, stride=2),
+        nn.Conv2d(4, 4, 1, groups=2),
+        nn.LayerNorm(4),
+    ],
+)
+def test_weight_matrix_refuses_other_layers(module: nn.Module) -> None:
+    with pytest.raises(SpectralDiffusionError, match=type(module).__name__):
+        weight_matrix(module)
+
+
+def test_band_columns() -> None:
+    assert band_columns(0, 8) == slice(0, 8)
+    assert band_columns(3, 4) == slice(12, 16)
+
+
+def test_check_band_fits_names_layer_end_and_limit() -> None:
+    check_band_fits("unet.x.to_q", (40, 32), band=3, rank=8)  # columns up to 32 == min(40, 32): fits
+    with pytest.raises(
+        SpectralDiffusionError, match=r"column 40, but layer unet\.x\.to_q .*min\(out, in\) = 32"
+    ):
+        check_band_fits("unet.x.to_q", (40, 32), band=4, rank=8)
+
+
+@pytest.mark.parametrize("shape", [(48, 20), (20, 48), (24, 24)])
+def test_oriented_svd_is_exact_orthonormal_and_sign_fixed(shape: tuple[int, int]) -> None:
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    m = min(shape)
+    u, s, v = oriented_svd(w, m)
+    assert u.shape == (shape[0], m) and s.shape == (m,) and v.shape == (shape[1], m)
+    assert u.dtype == s.dtype == v.dtype == torch.float32
+    torch.testing.assert_close(u @ torch.diag(s) @ v.T, w, atol=1e-5, rtol=0)
+    torch.testing.assert_close(u.T @ u, torch.eye(m), atol=1e-5, rtol=0)
+    torch.testing.assert_close(v.T @ v, torch.eye(m), atol=1e-5, rtol=0)
+    assert bool((s[:-1] >= s[1:]).all())
+    pivots = u.abs().argmax(dim=0)
+    assert bool((u[pivots, torch.arange(m)] > 0).all())
+
+
+def test_oriented_svd_top_k_and_deterministic() -> None:
+    w = torch.randn(30, 50, generator=torch.Generator().manual_seed(1))
+    u, s, v = oriented_svd(w, 6)
+    u_all, s_all, v_all = oriented_svd(w.clone(), 30)
+    assert torch.equal(u, oriented_svd(w.clone(), 6)[0])
+    torch.testing.assert_close(u, u_all[:, :6])
+    torch.testing.assert_close(s, s_all[:6])
+    torch.testing.assert_close(v, v_all[:, :6])
+
+
+def test_oriented_svd_sign_flip_invariance() -> None:
+    """The convention picks the same vectors whatever signs LAPACK returns: -W gives U flipped or V flipped."""
+    w = torch.randn(16, 12, generator=torch.Generator().manual_seed(2))
+    u, _, v = oriented_svd(w, 12)
+    u_neg, _, v_neg = oriented_svd(-w, 12)
+    torch.testing.assert_close(u_neg, u, atol=1e-5, rtol=0)
+    torch.testing.assert_close(v_neg, -v, atol=1e-5, rtol=0)
+
+
+def test_oriented_svd_refuses_too_many_columns() -> None:
+    with pytest.raises(SpectralDiffusionError, match="cannot take 9 singular vectors of a 8x20"):
+        oriented_svd(torch.randn(8, 20), 9)
+
+
+def test_skew_from_params() -> None:
+    params = torch.arange(1.0, 7.0)
+    k = skew_from_params(params, 4)
+    assert torch.equal(k, -k.T)
+    assert k[0, 1] == 1 and k[0, 3] == 3 and k[2, 3] == 6 and k[3, 2] == -6
+    with pytest.raises(SpectralDiffusionError, match="rank-4 rotation needs 6 parameters"):
+        skew_from_params(torch.zeros(5), 4)
+
+
+def test_cayley_orthogonal_and_identity_at_zero() -> None:
+    r = 6
+    assert torch.equal(cayley(skew_from_params(torch.zeros(r * (r - 1) // 2), r)), torch.eye(r))
+    params = torch.randn(r * (r - 1) // 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    q = cayley(skew_from_params(params, r))
+    torch.testing.assert_close(q.T @ q, torch.eye(r, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert torch.linalg.det(q) > 0  # a rotation: the Cayley map never reaches reflections
