@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from spectral_diffusion.errors import SpectralDiffusionError
@@ -18,6 +19,8 @@ COMMANDS = ("train", "fuse", "generate", "export", "app", "demo", "toyworld")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # transformers warns at import about optional image-processor backends (torchvision) the CLI never uses.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = argparse.ArgumentParser(
         prog="spectral-diffusion",
         description="Train, fuse and generate with Spectral Adapter concepts for Stable Diffusion 1.x.",
