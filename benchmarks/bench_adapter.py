@@ -288,28 +288,10 @@ def _cells(ms: dict[str, float], wall_ms: dict[str, float]) -> str:
 
 def sd15_targets() -> dict[str, nn.Module]:
     """SD 1.5's UNet and CLIP text encoder (real config, built on the meta device) with random target weights."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from spectral_diffusion.testing.sd15 import sd15_pipeline
 
-    with init_empty_weights():
-        unet = UNet2DConditionModel(
-            block_out_channels=(320, 640, 1280, 1280),
-            cross_attention_dim=768,
-            attention_head_dim=8,
-            layers_per_block=2,
-            sample_size=64,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                vocab_size=49408,
-                projection_dim=768,
-            )
-        )
+    pipe = sd15_pipeline(device="meta")
+    unet, text_encoder = pipe.unet, pipe.text_encoder
     targets = find_targets(unet, text_encoder, "attn+ff")
     gen = torch.Generator().manual_seed(0)
     for module in targets.values():

@@ -26,8 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import StableDiffusionPipeline
 
 from spectral_diffusion.adapters.layers import unwrap
 from spectral_diffusion.adapters.targets import adaptable_layers
@@ -35,26 +34,13 @@ from spectral_diffusion.bands import weight_matrix
 from spectral_diffusion.compose import Composer
 from spectral_diffusion.concept_file import save_concept
 from spectral_diffusion.fusion import GradientStats, fuse
-from spectral_diffusion.models import SD15_CONFIG_DIR
+from spectral_diffusion.testing.sd15 import sd15_pipeline
 from spectral_diffusion.testing.tiny_sd import random_concept
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
 LATENT_TOKENS = {0: 4096, 1: 1024, 2: 256, 3: 64}  # positions per image at 512 px, by UNet depth
 TEXT_TOKENS = 77
-
-
-def build_sd15() -> StableDiffusionPipeline:
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIG_DIR / "unet"))
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(SD15_CONFIG_DIR / "text_encoder"))
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD15_CONFIG_DIR / "vae"))
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(SD15_CONFIG_DIR / "tokenizer"),
-        unet=unet, scheduler=PNDMScheduler.from_pretrained(SD15_CONFIG_DIR / "scheduler"), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(torch.float32)
 
 
 def layer_rows(name: str, prompts: int) -> tuple[int, int]:
@@ -108,7 +94,7 @@ def main() -> None:
         rows.append((what, value + (f" ({note})" if note else "")))
         print(f"{what:<58} {rows[-1][1]}", flush=True)
 
-    t_build, pipe = time_it(build_sd15)
+    t_build, pipe = time_it(sd15_pipeline)
     print(f"built random SD 1.5-shaped UNet + text encoder in {t_build:.0f} s", flush=True)
     concepts = [random_concept(pipe, rank=args.rank, band=i, token=f"<c{i}>", seed=i) for i in range(args.concepts)]
     n_layers = len(concepts[0].layers)

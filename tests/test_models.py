@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
@@ -15,12 +14,13 @@ from diffusers.loaders.single_file_utils import (
     infer_diffusers_model_type,
 )
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTokenizer
 
 from spectral_diffusion.adapters.targets import find_targets
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.models import SD15_CONFIG_DIR, add_base_arguments, load_base, load_base_from_args
 from spectral_diffusion.single_file import clip_to_ldm, unet_to_ldm, vae_to_ldm
+from spectral_diffusion.testing.sd15 import sd15_pipeline
 from spectral_diffusion.testing.tiny_sd import build_tiny_pipeline
 
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -132,10 +132,8 @@ def test_unavailable_device_is_refused(tiny_model_dir):
 def test_shipped_sd15_configs_match_sd15_and_round_trip_through_diffusers_converters():
     """Build SD 1.5 on the meta device from the shipped configs: parameter counts are SD 1.5's, and the LDM
     names this package writes are exactly what diffusers' single-file converters read back."""
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIG_DIR / "unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD15_CONFIG_DIR / "vae"))
-        clip = CLIPTextModel(CLIPTextConfig.from_pretrained(SD15_CONFIG_DIR / "text_encoder"))
+    pipe = sd15_pipeline(device="meta")
+    unet, vae, clip = pipe.unet, pipe.vae, pipe.text_encoder
     counts = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, clip)]
     assert counts == [859_520_964, 83_653_863, 123_060_480]
     ldm = {**unet_to_ldm(unet), **vae_to_ldm(vae), **clip_to_ldm(clip)}
