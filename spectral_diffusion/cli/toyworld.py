@@ -1,0 +1,96 @@
+"""`spectral-diffusion toyworld ...`: build the bundled toy world (concept photos, base model, judge) and check it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from spectral_diffusion.models import add_base_arguments
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("toyworld", help="the bundled toy world: concept photos, base model, judge",
+                              description=__doc__)
+    sub = p.add_subparsers(dest="toyworld_command", required=True, metavar="ACTION")
+
+    c = sub.add_parser("render-concepts", help="write the held-out concepts' photo folders + README")
+    c.add_argument("--out", type=Path, default=Path("concepts/toyworld"), help="root folder (default: %(default)s)")
+    c.add_argument("--count", type=int, default=8, help="photos per concept (default: %(default)s)")
+    c.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    c.set_defaults(func=_render_concepts)
+
+    t = sub.add_parser("pretrain", help="pretrain the toy base model (VAE, then UNet + text encoder)",
+                       description="Time-budgeted, checkpointed pretraining; Ctrl-C saves, --resume continues.")
+    t.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, latents, log.txt, samples")
+    t.add_argument("--model-dir", type=Path, default=None,
+                   help="where the finished diffusers folder goes (default: the package's bundled model)")
+    t.add_argument("--vae-minutes", type=float, help="VAE training budget (default: 30)")
+    t.add_argument("--unet-minutes", type=float,
+                   help="UNet + text encoder training budget (default: 56)")
+    t.add_argument("--scenes", dest="num_scenes", type=int, help="rendered training scenes (default: 50000)")
+    t.add_argument("--threads", type=int, help="torch CPU threads (default: 2)")
+    t.add_argument("--device", help="cpu or cuda (default: cpu); see docs/toyworld.md for the GPU recipe")
+    t.add_argument("--vae-batch", type=int, help="VAE batch size, half clutter (default: 32)")
+    t.add_argument("--unet-batch", type=int, help="UNet batch size (default: 32)")
+    t.add_argument("--unet-lr", type=float, help="UNet + text encoder peak learning rate (default: 8e-4)")
+    t.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    t.set_defaults(func=_pretrain)
+
+    j = sub.add_parser("train-judge", help="train the judge CNN on renders and report validation accuracy")
+    j.add_argument("--out", type=Path, default=None, help="weights file (default: the package's bundled judge)")
+    j.add_argument("--steps", type=int, default=1500, help="(default: %(default)s)")
+    j.add_argument("--vae-from", default="toy", metavar="SPEC",
+                   help="base model whose VAE reconstructions augment the renders; 'none' to skip "
+                        "(default: %(default)s)")
+    j.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    j.set_defaults(func=_train_judge)
+
+    e = sub.add_parser("eval-base", help="judge the base model on vocabulary prompts (shape/colour/background)")
+    add_base_arguments(e)
+    e.add_argument("--num", type=int, default=64, help="prompts, one image each (default: %(default)s)")
+    e.add_argument("--steps", type=int, default=20, help="sampling steps (default: %(default)s)")
+    e.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default: %(default)s)")
+    e.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    e.add_argument("--grid", type=Path, default=None, help="also save the samples as one PNG grid")
+    e.set_defaults(func=_eval_base)
+
+
+def _render_concepts(args: argparse.Namespace) -> None:
+    from spectral_diffusion.toyworld.concepts import write_all_concepts
+
+    for folder in write_all_concepts(args.out, seed=args.seed, count=args.count):
+        print(folder)
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from spectral_diffusion.toyworld.pretrain import PretrainConfig, pretrain
+
+    given = {key: getattr(args, key) for key in ("model_dir", "vae_minutes", "unet_minutes", "num_scenes", "threads",
+                                             "device", "vae_batch", "unet_batch", "unet_lr")}
+    cfg = PretrainConfig(out=args.out, seed=args.seed, resume=args.resume,
+                         **{key: value for key, value in given.items() if value is not None})
+    print(pretrain(cfg))
+
+
+def _train_judge(args: argparse.Namespace) -> None:
+    from spectral_diffusion.models import load_base
+    from spectral_diffusion.toyworld.judge import JUDGE_PATH, train_judge
+
+    vae = None if args.vae_from == "none" else load_base(args.vae_from, device="cpu").vae
+    report = train_judge(args.out or JUDGE_PATH, steps=args.steps, vae=vae, seed=args.seed)
+    print(json.dumps(report, indent=2))
+
+
+def _eval_base(args: argparse.Namespace) -> None:
+    from spectral_diffusion.models import load_base_from_args
+    from spectral_diffusion.toyworld.evaluate import evaluate_base, image_grid
+    from spectral_diffusion.toyworld.judge import Judge
+
+    pipe = load_base_from_args(args)
+    metrics, images, _ = evaluate_base(pipe, Judge.load(), num=args.num, seed=args.seed, steps=args.steps,
+                                       guidance=args.guidance)
+    if args.grid is not None:
+        image_grid(images).save(args.grid)
+    print(json.dumps(metrics, indent=2))

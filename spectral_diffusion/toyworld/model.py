@@ -1,0 +1,105 @@
+"""The bundled toy base model: a real `StableDiffusionPipeline`, small enough to train and run on a CPU.
+
+Same component classes as SD 1.x (AutoencoderKL, UNet2DConditionModel, CLIPTextModel, CLIPTokenizer), so every
+code path of the toolkit runs on it unchanged. Sizes follow the measurements in DESIGN.md §4:
+
+- VAE: channels (16, 32, 64), 4x downsampling, 64x64x3 images <-> 16x16x4 latents;
+- UNet: channels (32, 64, 128), one layer per block, cross-attention at 8x8 and 4x4 (+ mid block);
+- text encoder: CLIP, 128 wide, 3 layers, 4 heads; tokenizer: one token per vocabulary word (`vocabulary()`).
+
+Every layer the `attn` / `attn+ff` presets adapt has min(out, in) >= 64, so 8+ bands of rank 4 fit everywhere.
+
+API:
+    MODEL_DIR                               # the trained model folder shipped in the package
+    vocabulary() -> list[str]               # the tokenizer's word list
+    build_pipeline(tokenizer_dir) -> StableDiffusionPipeline   # random weights (fp32)
+
+Load the trained model with `spectral_diffusion.models.load_base("toy")` (fp16 files, up-cast to fp32 on CPU).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from spectral_diffusion.tokenizer import build_clip_tokenizer
+from spectral_diffusion.toyworld import render
+
+MODEL_DIR = Path(__file__).resolve().parent / "model"
+TEXT_WIDTH = 128
+
+# Words a user is likely to type around the world's own vocabulary; each becomes one token.
+EXTRA_WORDS = (
+    "and", "with", "is", "two", "one", "next", "to", "beside", "near", "above", "below", "under", "over",
+    "picture", "image", "drawing", "painting", "rendering", "style", "big", "tiny", "little", "shape", "object",
+    "toy", "world", "scene", "my", "his", "her", "their", "this", "that", "it", "colorful", "colourful",
+    "bright", "dark", "light", "pink", "gray", "grey", "striped", "stripes", "dots", "dotted", "checkered",
+    "face", "door", "disc", "flag", "cross", "ring", "target", "nut", "spots", "spotted", "smiling", "dog",
+    "cat", "person", "man", "woman", "car", "tree", "flower", "sun", "moon", "sky", "water", "grass", "sand",
+    "left", "right", "top", "bottom", "middle", "center", "centre", "corner",
+)
+
+# Diffusion noise schedule (SD 1.x's), shared by the training and the shipped sampling scheduler.
+NOISE_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1,
+                  "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
+
+
+def vocabulary() -> list[str]:
+    """The tokenizer's word list: the world's words (colours, shapes, backgrounds, captions) + common prompt words."""
+    return sorted(set(render.VOCABULARY) | set(EXTRA_WORDS))
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=render.RESOLUTION,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8,
+    )
+
+
+def build_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=render.RESOLUTION // 4, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH, attention_head_dim=(2, 2, 4),  # heads per block: 32 channels per head
+    )
+
+
+def build_text_encoder(vocab_size: int, bos_id: int, eos_id: int, max_length: int) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=max_length, projection_dim=TEXT_WIDTH,
+        bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+    )
+    return CLIPTextModel(config)
+
+
+def build_pipeline(tokenizer_dir: str | Path) -> StableDiffusionPipeline:
+    """A randomly initialised toy pipeline (fp32); its tokenizer files are written to `tokenizer_dir`."""
+    tokenizer = build_clip_tokenizer(vocabulary(), tokenizer_dir)
+    text_encoder = build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                      tokenizer.model_max_length)
+    return StableDiffusionPipeline(
+        vae=build_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=build_unet(),
+        scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def training_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(**NOISE_SCHEDULE)
+
+
+def sampling_scheduler() -> DPMSolverMultistepScheduler:
+    """DPM-Solver++ (2nd order): good samples in ~20 steps with the training noise schedule."""
+    return DPMSolverMultistepScheduler(**NOISE_SCHEDULE, algorithm_type="dpmsolver++", solver_order=2)
