@@ -30,6 +30,18 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, codes), strict=True))
 
 
+def _apply_bpe(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Merge adjacent symbols, lowest-ranked pair first, until no known pair is left (what CLIP's BPE does)."""
+    parts = list(parts)
+    while len(parts) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(parts[:-1], parts[1:], strict=True))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
 def build_clip_tokenizer(words: Iterable[str], out_dir: str | Path, model_max_length: int = 77) -> CLIPTokenizer:
     """Write `vocab.json`/`merges.txt` for `words` (lower-cased) into `out_dir` and return the loaded tokenizer."""
     symbols = list(_bytes_to_unicode().values())
@@ -37,18 +49,19 @@ def build_clip_tokenizer(words: Iterable[str], out_dir: str | Path, model_max_le
     for s in symbols + [s + "</w>" for s in symbols]:
         vocab.setdefault(s, len(vocab))
     byte_map = _bytes_to_unicode()
-    merges: list[str] = []
-    seen: set[tuple[str, str]] = set()
+    ranks: dict[tuple[str, str], int] = {}
     for word in sorted({w.lower() for w in words if w.strip()}):
         parts = [byte_map[b] for b in word.encode("utf-8")]
         parts[-1] += "</w>"
-        merged = parts[0]
-        for nxt in parts[1:]:
-            if (merged, nxt) not in seen:
-                seen.add((merged, nxt))
-                merges.append(f"{merged} {nxt}")
+        # Segment with the merges so far, exactly as BPE will, then chain new merges over the segments: they
+        # rank after every earlier merge, so BPE reaches the same segments first and then joins them whole.
+        segments = _apply_bpe(parts, ranks)
+        merged = segments[0]
+        for nxt in segments[1:]:
+            ranks.setdefault((merged, nxt), len(ranks))
             merged += nxt
             vocab.setdefault(merged, len(vocab))
+    merges = [f"{a} {b}" for (a, b), _ in sorted(ranks.items(), key=lambda item: item[1])]
     for special in (BOS, EOS):
         vocab.setdefault(special, len(vocab))
     out = Path(out_dir)
