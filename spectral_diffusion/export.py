@@ -1,6 +1,6 @@
 """Export a concept as a plain LoRA (diffusers/PEFT or kohya keys) plus a textual-inversion embedding.
 
-Every adapter variant's weight change is exactly `dW = up @ down` (rank 2r for the spectral variants), so the
+Every adapter variant's weight change is exactly `dW = up @ down` (rank 2r for additive, r for rotational), so the
 export is lossless: `lora_B = up`, `lora_A = down`, at scale 1. PEFT-format files carry no alphas (diffusers then
 uses alpha = rank, scale 1); kohya files carry `alpha = rank` for the same scale in A1111 / ComfyUI.
 

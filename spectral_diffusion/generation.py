@@ -35,6 +35,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from spectral_diffusion.atomic import atomic_write
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.regional import Region, regional_prompting
 
@@ -177,6 +178,13 @@ def infotext(settings: GenerationSettings, seed: int, size: tuple[int, int], mod
 
 
 _NAME = re.compile(r"(\d{5})-\d+\.png")
+
+
+def save_png(path: str | Path, image: Image.Image, parameters: str) -> Path:
+    """Write one PNG atomically under `path`, with A1111's `parameters` text chunk."""
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def save_images(images: Sequence[GeneratedImage], out_dir: str | Path) -> list[Path]:

@@ -59,7 +59,7 @@ def add_concept_tokens(tokenizer: PreTrainedTokenizerBase, text_encoder: PreTrai
     resize_embeddings(text_encoder, len(tokenizer))
     weight = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
-        weight[token_ids(tokenizer, names)] = embeddings.to(weight.dtype)
+        weight[token_ids(tokenizer, names)] = embeddings.to(weight.device, weight.dtype)
     return names
 
 

@@ -28,14 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
-from PIL.PngImagePlugin import PngInfo
 
 from spectral_diffusion.compose import Composer
 from spectral_diffusion.concept_file import read_meta
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.fingerprint import base_fingerprint
 from spectral_diffusion.fusion import fuse
-from spectral_diffusion.generation import GeneratedImage
+from spectral_diffusion.generation import save_png
 from spectral_diffusion.models import load_base
 from spectral_diffusion.toyworld import concepts
 from spectral_diffusion.toyworld.judge import Judge
@@ -189,19 +188,13 @@ def train_concepts(config: DemoConfig, photos: dict[str, Path], fingerprint: str
     return paths
 
 
-def _save_png(path: Path, item: GeneratedImage) -> None:
-    info = PngInfo()
-    info.add_text("parameters", item.parameters)
-    atomic_write(path, lambda tmp: item.image.save(tmp, format="PNG", pnginfo=info))
-
-
 def save_scored_images(folder: Path, kind: str, scores: Sequence[ConceptScore | RegionalScore]) -> None:
     """Every image behind `scores` as `<kind>-<name>-<seed>.png` (name `left+right` for regional scores)."""
     for score in scores:
         name = score.concept if isinstance(score, ConceptScore) else f"{score.left}+{score.right}"
         for k, item in enumerate(score.images):
             variant = "" if isinstance(score, RegionalScore) or k < len(score.images) // 2 else "-new-background"
-            _save_png(folder / f"{kind}-{name}{variant}-{item.seed}.png", item)
+            save_png(folder / f"{kind}-{name}{variant}-{item.seed}.png", item.image, item.parameters)
 
 
 def labelled_grid(rows: Sequence[tuple[str, Sequence[tuple[Image.Image, str]]]], cell: int = 128) -> Image.Image:

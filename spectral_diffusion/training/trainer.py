@@ -30,8 +30,6 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import compute_snr
 from diffusers.utils import make_image_grid
-from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -41,7 +39,7 @@ from spectral_diffusion.band_registry import BandUse, choose_band, register_band
 from spectral_diffusion.concept_file import Concept, ConceptMeta, save_concept
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.fingerprint import base_fingerprint
-from spectral_diffusion.generation import GenerationSettings, generate, native_size
+from spectral_diffusion.generation import GenerationSettings, generate, native_size, save_png
 from spectral_diffusion.models import DTYPES, load_base
 from spectral_diffusion.tokens import (
     ConceptEmbeddings,
@@ -451,7 +449,7 @@ class Trainer:
         folder = self.out.with_name(self.out.stem + "_samples")
         for i, prompt in enumerate(self.config.validation_prompts):
             (sample,) = self._sample(prompt, 1)
-            _save_png(folder / f"step-{step:06d}-{i}.png", sample.image, sample.parameters)
+            save_png(folder / f"step-{step:06d}-{i}.png", sample.image, sample.parameters)
 
     def _finish(self) -> Path:
         self.accelerator.wait_for_everyone()
@@ -489,7 +487,7 @@ class Trainer:
         prompts = list(self.config.validation_prompts) or [self.default_prompt()]
         images = [g.image for p in prompts for g in self._sample(p, n)]
         path = self.out.with_name(self.out.stem + ".preview.png")
-        return _save_png(path, make_image_grid(images, rows=len(prompts), cols=n), "\n".join(prompts))
+        return save_png(path, make_image_grid(images, rows=len(prompts), cols=n), "\n".join(prompts))
 
     def _write_sidecar(self, preview: Path | None) -> None:
         """`<stem>.json`: what the app and other tools show without opening the concept file (docs/training.md)."""
@@ -523,13 +521,6 @@ def _spec_for_listing(spec: str) -> str:
     """A base given as a local path, made absolute so the sidecar stays valid from any working directory."""
     path = Path(spec).expanduser()
     return str(path.resolve()) if spec != "toy" and path.exists() else spec
-
-
-def _save_png(path: Path, image: Image.Image, parameters: str) -> Path:
-    """Write a PNG atomically with an A1111-style `parameters` text chunk."""
-    info = PngInfo()
-    info.add_text("parameters", parameters)
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def train(config: TrainConfig, pipe: StableDiffusionPipeline | None = None,
