@@ -29,6 +29,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from spectral_diffusion.atomic import atomic_write
 from spectral_diffusion.compose import Composer
 from spectral_diffusion.concept_file import read_meta
 from spectral_diffusion.errors import SpectralDiffusionError
@@ -48,7 +49,7 @@ from spectral_diffusion.toyworld.scoring import (
     score_concept,
     score_regional,
 )
-from spectral_diffusion.training.checkpoint import atomic_write, checkpoint_dir
+from spectral_diffusion.training.checkpoint import checkpoint_dir
 from spectral_diffusion.training.config import TrainConfig
 from spectral_diffusion.training.trainer import train
 
