@@ -12,30 +12,30 @@ from spectral_diffusion.errors import SpectralDiffusionError
 
 
 def is_linear_map(module: nn.Module) -> bool:
-    """True for an nn.Linear or a pointwise nn.Conv2d (1x1, stride 1, unpadded, ungrouped).
+    """True for an nn.Linear or an ungrouped, zero-padded nn.Conv2d of any kernel size.
 
-    Such a convolution is a linear map on channels, so the band math applies to its reshaped weight.
+    A convolution is a linear map from each unfolded ``in x kh x kw`` input patch to ``out`` channels, so the band
+    math applies to its weight reshaped to ``[out, in*kh*kw]`` (LoCon's view of a conv layer).
     """
     if isinstance(module, nn.Linear):
         return True
-    return (
-        isinstance(module, nn.Conv2d)
-        and module.kernel_size == (1, 1)
-        and module.stride == (1, 1)
-        and module.padding in ((0, 0), "valid")
-        and module.groups == 1
-    )
+    return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+
+
+def conv_kernel(module: nn.Module) -> tuple[int, int] | None:
+    """``(kh, kw)`` of a Conv2d (1x1 included), None for a Linear: how a ``[out, in*kh*kw]`` factor is laid out."""
+    return tuple(module.kernel_size) if isinstance(module, nn.Conv2d) else None
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The ``[out, in]`` matrix of a Linear or a 1x1 Conv2d (a view sharing storage with the weight)."""
+    """The ``[out, in*kh*kw]`` matrix of a Linear or Conv2d (a view sharing storage with the weight)."""
     if not is_linear_map(module):
         raise SpectralDiffusionError(
-            f"cannot adapt a {type(module).__name__}: only nn.Linear and pointwise (1x1, stride 1, "
-            "unpadded, ungrouped) nn.Conv2d layers are supported"
+            f"cannot adapt a {type(module).__name__}: only nn.Linear and ungrouped, zero-padded nn.Conv2d "
+            "layers are supported"
         )
     weight = module.weight
-    return weight if weight.dim() == 2 else weight.view(weight.shape[0], weight.shape[1])
+    return weight if weight.dim() == 2 else weight.view(weight.shape[0], -1)
 
 
 def band_columns(band: int, rank: int) -> slice:

@@ -48,6 +48,8 @@ class ConceptMeta:
     token: str
     token_names: list[str]
     class_word: str = ""
+    # [kh, kw] of each adapted convolution (1x1 included), by layer name: how export unfolds its factors
+    kernels: dict[str, list[int]] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=_utc_now)
     tool_version: str = __version__
@@ -187,6 +189,11 @@ def _check(concept: Concept, where: str) -> None:
                 f"{where}: layer {layer} has rank {sizes['r']}, metadata says {meta.rank}"
             )
         _check_values(state.values(), f"{where}: layer {layer}")
+    for layer, kernel in meta.kernels.items():
+        if (layer not in concept.layers or not isinstance(kernel, list) or len(kernel) != 2
+                or not all(isinstance(k, int) and k > 0 for k in kernel)
+                or cls.validate(concept.layers[layer])["in"] % (kernel[0] * kernel[1])):
+            raise SpectralDiffusionError(f"{where}: invalid conv kernel {kernel!r} for layer {layer}")
     emb = concept.token_embeddings
     if emb.ndim != 2 or emb.shape[0] != len(meta.token_names) or emb.shape[0] < 1:
         raise SpectralDiffusionError(

@@ -4,14 +4,15 @@ Every adapter variant's weight change is exactly `dW = up @ down` (rank 2r for a
 export is lossless: `lora_B = up`, `lora_A = down`, at scale 1. PEFT-format files carry no alphas (diffusers then
 uses alpha = rank, scale 1); kohya files carry `alpha = rank` for the same scale in A1111 / ComfyUI.
 
-SD 1.x `proj_in` / `proj_out` are 1x1 convolutions (`use_linear_projection=False`), so their factors are written
-as `[k, in, 1, 1]` / `[out, k, 1, 1]` conv kernels, as PEFT and kohya expect for conv layers.
+Convolutions (SD 1.x's 1x1 `proj_in` / `proj_out`, and the 3x3 resnet convs of `attn+ff+conv` concepts) are
+written as conv kernels `down [k, in, kh, kw]` and `up [out, k, 1, 1]`, the layout PEFT and kohya (LoCon) use; the
+kernel sizes come from the concept file.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,6 @@ from spectral_diffusion.concept_file import Concept, load_concept
 from spectral_diffusion.errors import SpectralDiffusionError
 
 FORMATS = ("peft", "kohya")
-_CONV_1X1 = (".proj_in", ".proj_out")
 _KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
 
@@ -41,18 +41,21 @@ def _external_path(layer: str) -> tuple[str, str]:
 
 def lora_state_dict(concept: Concept, fmt: str = "peft") -> dict[str, torch.Tensor]:
     """The concept's exact weight changes as LoRA tensors (fp32) in format `fmt` (`peft` or `kohya`)."""
-    return lora_tensors({layer: concept.delta_factors(layer) for layer in concept.layers}, fmt)
+    return lora_tensors({layer: concept.delta_factors(layer) for layer in concept.layers}, fmt, concept.meta.kernels)
 
 
-def lora_tensors(factors: Mapping[str, Factors], fmt: str = "peft") -> dict[str, torch.Tensor]:
-    """LoRA tensors in format `fmt` for per-layer factors `{layer name: (up [out, k], down [k, in])}`."""
+def lora_tensors(factors: Mapping[str, Factors], fmt: str = "peft",
+                 kernels: Mapping[str, Sequence[int]] | None = None) -> dict[str, torch.Tensor]:
+    """LoRA tensors in format `fmt` for per-layer factors `{layer name: (up [out, k], down [k, in*kh*kw])}`;
+    layers in `kernels` (`[kh, kw]`) are convolutions."""
+    kernels = kernels or {}
     if fmt not in FORMATS:
         raise SpectralDiffusionError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out: dict[str, torch.Tensor] = {}
     for layer in sorted(factors):
         up, down = (t.detach().to("cpu", torch.float32) for t in factors[layer])
-        if layer.startswith("unet.") and layer.endswith(_CONV_1X1):
-            up, down = up[:, :, None, None], down[:, :, None, None]
+        if layer in kernels:
+            up, down = up[:, :, None, None], down.reshape(down.shape[0], -1, *kernels[layer])
         component, path = _external_path(layer)
         if fmt == "peft":
             out[f"{component}.{path}.lora_A.weight"] = down.contiguous()

@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 from torch import nn
 
 from spectral_diffusion.adapters.config import SPECTRAL_VARIANTS
-from spectral_diffusion.adapters.inject import adapter_layers, load_adapter, remove_adapters
+from spectral_diffusion.adapters.inject import adapter_layers, conv_kernels, load_adapter, remove_adapters
 from spectral_diffusion.adapters.layers import Factors, layer_generator, unwrap
 from spectral_diffusion.adapters.targets import adaptable_layers
 from spectral_diffusion.atomic import atomic_directory
@@ -364,27 +365,34 @@ def record_gradient_stats(pipe: StableDiffusionPipeline, concepts: Sequence[tupl
 
 
 class _GramRecorder:
-    """Forward pre-hooks that accumulate each layer's input Gram matrix `X^T X` (fp32, channels last).
+    """Forward pre-hooks that accumulate each layer's input Gram matrix `X^T X` (fp32): rows are tokens for a
+    Linear and unfolded input patches (`in*kh*kw`, the weight matrix's column order) for a convolution.
 
-    No activation is kept beyond the hook call, except the last input seen: layers fed the very same tensor (q/k/v
-    of one attention, to_k/to_v of a cross-attention) reuse its product instead of recomputing it.
+    No activation is kept beyond the hook call, except the last input seen: layers fed the very same tensor the
+    same way (q/k/v of one attention, to_k/to_v of a cross-attention) reuse its product instead of recomputing it.
     """
 
     def __init__(self, modules: Mapping[str, nn.Module]) -> None:
         self.grams: dict[str, torch.Tensor] = {}
-        self._last: tuple[torch.Tensor, bool, torch.Tensor] | None = None
+        self._last: tuple[torch.Tensor, tuple, torch.Tensor] | None = None
         self._handles = []
         for name, module in modules.items():
             weight = weight_matrix(unwrap(module))
             self.grams[name] = torch.zeros(weight.shape[1], weight.shape[1], device=weight.device)
-            conv = isinstance(unwrap(module), nn.Conv2d)
+            base = unwrap(module)
+            geometry = ((base.kernel_size, base.dilation, base.padding, base.stride)
+                        if isinstance(base, nn.Conv2d) else ())
             self._handles.append(module.register_forward_pre_hook(
-                lambda _module, args, name=name, conv=conv: self._record(name, args[0].detach(), conv)))
+                lambda _module, args, name=name, geometry=geometry: self._record(name, args[0].detach(), geometry)))
 
-    def _record(self, name: str, x: torch.Tensor, channels_first: bool) -> None:
-        if self._last is None or self._last[0] is not x or self._last[1] != channels_first:
-            rows = (x.movedim(-3, -1) if channels_first else x).reshape(-1, self.grams[name].shape[0]).float()
-            self._last = (x, channels_first, rows.mT @ rows)
+    def _record(self, name: str, x: torch.Tensor, geometry: tuple) -> None:
+        if self._last is None or self._last[0] is not x or self._last[1] != geometry:
+            if geometry:
+                patches = F.unfold(x.float(), *geometry)  # [B, in*kh*kw, positions]
+                rows = patches.mT.reshape(-1, patches.shape[1])
+            else:
+                rows = x.reshape(-1, x.shape[-1]).float()
+            self._last = (x, geometry, rows.mT @ rows)
         self.grams[name] += self._last[2]
 
     def remove(self) -> None:
@@ -439,7 +447,8 @@ def _write(pipe: StableDiffusionPipeline, report: FusionReport, folder: Path, fm
     if fmt == "single-file":
         save_file(_ldm_without_new_tokens(pipe, report), main, metadata={"format": "pt"})
     else:
-        tensors = lora_tensors(report.low_rank, lora_format)
+        kernels = conv_kernels(pipe.unet, pipe.text_encoder, report.low_rank)
+        tensors = lora_tensors(report.low_rank, lora_format, kernels)
         meta = {"method": report.method, "base_fingerprint": report.base_fingerprint,
                 "concepts": [c.token for c in report.concepts], "weights": report.weights}
         save_file(tensors, main, metadata={"format": "pt", "spectral_diffusion_fusion": json.dumps(meta)})

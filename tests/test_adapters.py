@@ -94,16 +94,19 @@ def layer_and_input(kind: str) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     if kind == "linear":
         return nn.Linear(20, 24), torch.randn(2, 5, 20)
-    return nn.Conv2d(20, 24, kernel_size=1), torch.randn(2, 20, 3, 4)
+    if kind == "conv":
+        return nn.Conv2d(20, 24, kernel_size=1), torch.randn(2, 20, 3, 4)
+    # a 3x3 conv with stride, padding and dilation: the correction must use the layer's own geometry
+    return nn.Conv2d(6, 24, kernel_size=3, stride=2, padding=2, dilation=2), torch.randn(2, 6, 7, 8)
 
 
 def dense(base: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if isinstance(base, nn.Conv2d):
-        return F.conv2d(x, weight[:, :, None, None], base.bias)
+        return F.conv2d(x, weight.view(base.weight.shape), base.bias, base.stride, base.padding, base.dilation)
     return F.linear(x, weight, base.bias)
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv3x3"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fresh_adapter_is_bit_identical_to_base(variant: str, kind: str) -> None:
     base, x = layer_and_input(kind)
@@ -128,7 +131,7 @@ def test_fresh_injection_leaves_models_bit_identical(variant: str, cache: SVDCac
         assert torch.equal(run(unet, text_encoder), expected)
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv3x3"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_forward_equals_dense_updated_weight(variant: str, kind: str) -> None:
     base, x = layer_and_input(kind)
@@ -192,7 +195,7 @@ def test_rotational_deltas_in_different_bands_are_orthogonal() -> None:
             torch.testing.assert_close(deltas[i] @ deltas[j].T, torch.zeros(24, 24), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv3x3"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_merge_unmerge_round_trip(variant: str, kind: str) -> None:
     base, x = layer_and_input(kind)

@@ -10,6 +10,7 @@ from spectral_diffusion.bands import (
     band_columns,
     cayley,
     check_band_fits,
+    conv_kernel,
     oriented_svd,
     skew_from_params,
     weight_matrix,
@@ -17,21 +18,24 @@ from spectral_diffusion.bands import (
 from spectral_diffusion.errors import SpectralDiffusionError
 
 
-def test_weight_matrix_views_linear_and_pointwise_conv() -> None:
+def test_weight_matrix_views_linear_and_conv() -> None:
     linear = nn.Linear(5, 3)
     assert weight_matrix(linear) is linear.weight
-    conv = nn.Conv2d(6, 4, kernel_size=1)
-    matrix = weight_matrix(conv)
-    assert matrix.shape == (4, 6)
-    assert matrix.data_ptr() == conv.weight.data_ptr()  # a view: merging edits the conv in place
+    assert conv_kernel(linear) is None
+    for kernel in (1, 3):
+        conv = nn.Conv2d(6, 4, kernel_size=kernel, stride=2, padding=kernel // 2)
+        matrix = weight_matrix(conv)
+        assert matrix.shape == (4, 6 * kernel * kernel)
+        assert conv_kernel(conv) == (kernel, kernel)
+        assert matrix.data_ptr() == conv.weight.data_ptr()  # a view: merging edits the conv in place
+        assert torch.equal(matrix[1, :kernel * kernel], conv.weight[1, 0].flatten())  # in-channel major, as unfold
 
 
 @pytest.mark.parametrize(
     "module",
     [
-        nn.Conv2d(4, 4, kernel_size=3),
-        nn.Conv2d(4, 4, kernel_size=1, stride=2),
         nn.Conv2d(4, 4, 1, groups=2),
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"),
         nn.LayerNorm(4),
     ],
 )

@@ -35,11 +35,12 @@ def _outputs(pipe: StableDiffusionPipeline, prompt: str) -> tuple[torch.Tensor, 
 
 
 @pytest.mark.parametrize("fmt", ["peft", "kohya"])
-@pytest.mark.parametrize("variant", ["additive", "rotational"])
-def test_diffusers_loaders_reproduce_the_concept(tmp_path, tiny_model_dir, fmt, variant):
+@pytest.mark.parametrize(("variant", "targets"),
+                         [("additive", "attn+ff"), ("rotational", "attn+ff"), ("additive", "attn+ff+conv")])
+def test_diffusers_loaders_reproduce_the_concept(tmp_path, tiny_model_dir, fmt, variant, targets):
     ours = _fresh(tiny_model_dir)
     concept = random_concept(
-        ours, variant=variant, rank=4, band=1, targets="attn+ff", token="<dogA>", n_vectors=2
+        ours, variant=variant, rank=4, band=1, targets=targets, token="<dogA>", n_vectors=2
     )
     load_adapter(ours.unet, ours.text_encoder, variant, concept.layers, name="dogA")
     add_concept_tokens(ours.tokenizer, ours.text_encoder, "<dogA>", concept.token_embeddings)
@@ -63,13 +64,16 @@ def test_diffusers_loaders_reproduce_the_concept(tmp_path, tiny_model_dir, fmt, 
 
 
 def test_key_layout_and_scale(tiny_pipe):
-    concept = random_concept(tiny_pipe, variant="additive", rank=4, targets="attn+ff")
+    concept = random_concept(tiny_pipe, variant="additive", rank=4, targets="attn+ff+conv")
     peft, kohya = lora_state_dict(concept, "peft"), lora_state_dict(concept, "kohya")
     assert len(peft) == 2 * len(concept.layers) and len(kohya) == 3 * len(concept.layers)
     block = "down_blocks.0.attentions.0"
     assert peft[f"unet.{block}.transformer_blocks.0.attn2.to_k.lora_A.weight"].shape == (8, 32)  # k = 2r
     assert peft[f"unet.{block}.proj_in.lora_A.weight"].shape == (8, 32, 1, 1)  # 1x1 conv
     assert peft[f"unet.{block}.proj_in.lora_B.weight"].shape == (32, 8, 1, 1)
+    conv = "unet.down_blocks.0.resnets.0.conv1"  # 3x3, LoCon layout: down is a 3x3 kernel, up a 1x1
+    assert peft[f"{conv}.lora_A.weight"].shape == (8, 32, 3, 3) and peft[f"{conv}.lora_B.weight"].shape == (32, 8, 1, 1)
+    assert kohya["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape == (8, 32, 3, 3)
     assert peft["text_encoder.text_model.encoder.layers.1.mlp.fc1.lora_B.weight"].shape == (64, 8)
     kohya_name = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
     assert float(kohya[f"{kohya_name}.alpha"]) == 8.0  # alpha = rank: scale 1

@@ -7,9 +7,11 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
+from spectral_diffusion.adapters.layers import unwrap
 from spectral_diffusion.adapters.targets import adaptable_layers
 from spectral_diffusion.bands import weight_matrix
 from spectral_diffusion.cli import main
@@ -37,7 +39,7 @@ def _weights(pipe) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def concepts(tiny_pipe):
-    return [random_concept(tiny_pipe, band=0, token="<dogA>", seed=1, targets="attn+ff"),
+    return [random_concept(tiny_pipe, band=0, token="<dogA>", seed=1, targets="attn+ff+conv"),
             random_concept(tiny_pipe, variant="rotational", band=1, token="<catB>", seed=2)]
 
 
@@ -193,8 +195,10 @@ def test_gradient_fusion_beats_mean_on_its_own_objective(tiny_pipe, concepts) ->
 def test_gram_recorder_matches_the_layer_inputs(tiny_pipe) -> None:
     modules = adaptable_layers(tiny_pipe.unet, tiny_pipe.text_encoder)
     names = [n for n in modules if n.endswith((".layers.0.self_attn.q_proj", ".layers.0.self_attn.k_proj",
-                                               "down_blocks.0.attentions.0.proj_in", "transformer_blocks.0.attn2.to_v"))]
-    assert len(names) == 10  # text q/k of layer 0, one proj_in conv, every attn2.to_v
+                                               "down_blocks.0.attentions.0.proj_in", "transformer_blocks.0.attn2.to_v",
+                                               "down_blocks.0.resnets.0.conv1", "down_blocks.0.downsamplers.0.conv"))]
+    # text q/k of layer 0, one 1x1 proj_in, every attn2.to_v, a 3x3 resnet conv and the strided downsampler
+    assert len(names) == 12
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: inputs[n].append(a[0].detach().clone()))
                for n in names]
@@ -204,8 +208,9 @@ def test_gram_recorder_matches_the_layer_inputs(tiny_pipe) -> None:
     for handle in handles:
         handle.remove()
     for name in names:
-        x = torch.cat([t.movedim(1, -1).reshape(-1, t.shape[1]) if t.ndim == 4 else t.reshape(-1, t.shape[-1])
-                       for t in inputs[name]])
+        conv = unwrap(modules[name])
+        x = torch.cat([F.unfold(t, conv.kernel_size, conv.dilation, conv.padding, conv.stride).mT.flatten(0, 1)
+                       if t.ndim == 4 else t.reshape(-1, t.shape[-1]) for t in inputs[name]])
         assert torch.allclose(recorder.grams[name], x.mT @ x, rtol=1e-4, atol=1e-3), name
 
 

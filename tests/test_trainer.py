@@ -63,8 +63,12 @@ def test_only_adapters_and_new_token_rows_change(tiny_pipe: StableDiffusionPipel
     before = _base_weights(tiny_pipe)
     vocab = len(tiny_pipe.tokenizer)
     out = train(_config(photos, tmp_path / "dogA.safetensors", tiny_model_dir, steps=3, lr_text=1e-3,
-                        targets="attn+ff"), pipe=tiny_pipe)
+                        targets="attn+ff+conv"), pipe=tiny_pipe)
     concept = load_concept(out)
+    kernels = concept.meta.kernels  # every adapted convolution, for export
+    assert kernels["unet.down_blocks.0.resnets.0.conv1"] == [3, 3]
+    assert kernels["unet.down_blocks.0.attentions.0.proj_in"] == [1, 1]
+    assert not any(name.startswith("text_encoder.") for name in kernels)
     trained = {k: v for state in concept.layers.values() for k, v in state.items() if k in ("A", "B", "c")}
     assert trained and all(v.abs().sum() > 0 for v in trained.values())  # every trainable moved off zero
     assert any(name.startswith("text_encoder.") for name in concept.layers)

@@ -4,6 +4,7 @@ from spectral_diffusion.adapters.config import SPECTRAL_VARIANTS, VARIANTS, Adap
 from spectral_diffusion.adapters.inject import (
     adapter_layers,
     adapter_state,
+    conv_kernels,
     inject_adapters,
     load_adapter,
     remove_adapters,
@@ -35,6 +36,7 @@ __all__ = [
     "RotationalAdapter",
     "adapter_layers",
     "adapter_state",
+    "conv_kernels",
     "delta_factors",
     "find_targets",
     "inject_adapters",

@@ -7,7 +7,7 @@ wrapped takes further named adapters. Base weights are frozen and never modified
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from spectral_diffusion.adapters.layers import (
     unwrap,
 )
 from spectral_diffusion.adapters.targets import components, find_targets
-from spectral_diffusion.bands import band_columns, check_band_fits, weight_matrix
+from spectral_diffusion.bands import band_columns, check_band_fits, conv_kernel, weight_matrix
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.svd_cache import SVDCache
 
@@ -141,6 +141,18 @@ def _split(unet: nn.Module | None, text_encoder: nn.Module | None, layer_name: s
             f"layer name {layer_name!r} must start with 'unet.' or 'text_encoder.' of a model that was given"
         )
     return model, path
+
+
+def conv_kernels(unet: nn.Module | None, text_encoder: nn.Module | None,
+                 layer_names: Iterable[str]) -> dict[str, list[int]]:
+    """``[kh, kw]`` of every convolution among ``layer_names`` (Linear layers are left out): how their
+    ``[out, in*kh*kw]`` factors unfold back into conv kernels, recorded in concept files for export."""
+    kernels = {}
+    for layer_name in layer_names:
+        kernel = conv_kernel(unwrap(_find_layer(unet, text_encoder, layer_name)))
+        if kernel is not None:
+            kernels[layer_name] = list(kernel)
+    return kernels
 
 
 def _find_layer(unet: nn.Module | None, text_encoder: nn.Module | None, layer_name: str) -> nn.Module:

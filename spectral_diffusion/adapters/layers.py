@@ -90,16 +90,19 @@ class Adapter(nn.Module):
         """fp32 ``(up, down)`` of this adapter's weight change (same code path as concept files)."""
         return delta_factors(self.variant, self.tensors())
 
-    def correction(self, x: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
-        """``dW x`` for ``x [..., in]`` (``[..., in, H, W]`` when ``channels_first``) via the factors.
+    def correction(self, x: torch.Tensor, conv: nn.Conv2d | None = None) -> torch.Tensor:
+        """``dW x`` for ``x [..., in]``, or for the input ``[..., in, H, W]`` of the convolution ``conv``.
 
-        Never forms a dense ``dW``; runs in ``x``'s dtype, which must be the adapter's. Pointwise-conv inputs
-        go through two 1x1 convolutions rather than a channels-last copy of the activations.
+        Never forms a dense ``dW``; runs in ``x``'s dtype, which must be the adapter's. A convolution's
+        correction is two convolutions, ``down`` with the layer's own kernel, stride, padding and dilation and then
+        ``up`` as 1x1 (LoCon's factorisation), rather than a channels-last copy of the activations.
         """
         up, down = self.factors(self.tensors())
-        if channels_first:
-            return F.conv2d(F.conv2d(x, down[:, :, None, None]), up[:, :, None, None])
-        return F.linear(F.linear(x, down), up)
+        if conv is None:
+            return F.linear(F.linear(x, down), up)
+        kernel = down.reshape(down.shape[0], -1, *conv.kernel_size)
+        hidden = F.conv2d(x, kernel, None, conv.stride, conv.padding, conv.dilation)
+        return F.conv2d(hidden, up[:, :, None, None])
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -283,7 +286,7 @@ def create_adapter(
 
 
 class AdapterLayer(nn.Module):
-    """A frozen Linear / 1x1 Conv2d plus any number of named adapters, each with its own scale.
+    """A frozen Linear / Conv2d plus any number of named adapters, each with its own scale.
 
     ``forward = base(x) + sum(scale_i * correction_i(x))`` over adapters that are not merged and have a
     nonzero scale; corrections run in each adapter's dtype. ``weight``/``bias`` forward to the base layer
@@ -365,12 +368,12 @@ class AdapterLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        channels_first = isinstance(self.base, nn.Conv2d)
+        conv = self.base if isinstance(self.base, nn.Conv2d) else None
         for name, adapter in self.adapters.items():
             scale = self.scales[name]
             if name in self.merged or scale == 0.0:
                 continue
-            correction = adapter.correction(x.to(adapter.dtype), channels_first)
+            correction = adapter.correction(x.to(adapter.dtype), conv)
             y = torch.add(y, correction.to(y.dtype), alpha=scale)
         return y
 

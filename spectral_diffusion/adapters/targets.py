@@ -18,16 +18,25 @@ _ATTN = (
     "text_encoder.*.self_attn.[qkv]_proj",
     "text_encoder.*.self_attn.out_proj",
 )
+_ATTN_FF = (
+    *_ATTN,
+    "unet.*.ff.net.0.proj",  # the Linear inside diffusers' GEGLU
+    "unet.*.ff.net.2",
+    "unet.*.proj_in",  # 1x1 Conv2d in SD 1.x, Linear in SD 2.x-style configs
+    "unet.*.proj_out",
+    "text_encoder.*.mlp.fc1",
+    "text_encoder.*.mlp.fc2",
+)
 PRESETS: dict[str, tuple[str, ...]] = {
     "attn": _ATTN,
-    "attn+ff": (
-        *_ATTN,
-        "unet.*.ff.net.0.proj",  # the Linear inside diffusers' GEGLU
-        "unet.*.ff.net.2",
-        "unet.*.proj_in",  # 1x1 Conv2d in SD 1.x, Linear in SD 2.x-style configs
-        "unet.*.proj_out",
-        "text_encoder.*.mlp.fc1",
-        "text_encoder.*.mlp.fc2",
+    "attn+ff": _ATTN_FF,
+    # + the UNet's 3x3 convolutions (resnets, down- and upsamplers), kohya's conv_dim / LyCORIS LoCon: where local
+    # appearance (texture, colour layout) is drawn. conv_in / conv_out stay frozen, as in those tools.
+    "attn+ff+conv": (
+        *_ATTN_FF,
+        "unet.*.resnets.*.conv[12]",
+        "unet.*.resnets.*.conv_shortcut",
+        "unet.*samplers.*.conv",
     ),
 }
 
@@ -38,7 +47,7 @@ def components(unet: nn.Module | None, text_encoder: nn.Module | None) -> dict[s
 
 
 def adaptable_layers(unet: nn.Module | None, text_encoder: nn.Module | None) -> dict[str, nn.Module]:
-    """Every Linear / 1x1 Conv2d (or existing adapter wrapper) by qualified name, not looking inside wrappers."""
+    """Every Linear / Conv2d (or existing adapter wrapper) by qualified name, not looking inside wrappers."""
     found: dict[str, nn.Module] = {}
     for prefix, model in components(unet, text_encoder).items():
         wrapped: list[str] = []
@@ -68,7 +77,7 @@ def find_targets(
         matched = {name: m for name, m in candidates.items() if fnmatchcase(name, pattern)}
         if not matched and preset is None:
             raise SpectralDiffusionError(
-                f"target pattern {pattern!r} matches no Linear or 1x1 Conv2d layer "
+                f"target pattern {pattern!r} matches no Linear or Conv2d layer "
                 "(names look like unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k)"
             )
         selected.update(matched)

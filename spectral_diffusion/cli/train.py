@@ -36,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "concept of this base model uses (default: auto)")
     a.add_argument("--rank", type=int, default=8, help="singular vectors per band / LoRA rank (default: 8)")
     a.add_argument("--targets", default="attn",
-                   help="attn | attn+ff | comma-separated glob patterns on layer names (default: attn)")
+                   help="attn | attn+ff | attn+ff+conv (adds the UNet's 3x3 resnet and sampler convs, LoCon-style) | "
+                        "comma-separated glob patterns on layer names (default: attn)")
     a.add_argument("--no-singular-values", dest="train_singular_values", action="store_false",
                    help="spectral variants: keep the band's singular values frozen (default: trained)")
 

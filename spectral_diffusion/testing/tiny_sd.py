@@ -21,6 +21,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from spectral_diffusion.adapters.config import SPECTRAL_VARIANTS
+from spectral_diffusion.adapters.inject import conv_kernels
 from spectral_diffusion.adapters.layers import adapter_type, unwrap
 from spectral_diffusion.adapters.targets import find_targets
 from spectral_diffusion.bands import weight_matrix
@@ -152,6 +153,7 @@ def random_concept(
         token=token,
         token_names=token_names(token, n_vectors),
         class_word="dog",
+        kernels=conv_kernels(pipe.unet, pipe.text_encoder, layers),
         training={"steps": 0, "seed": seed},
     )
     return Concept(meta, layers, 0.3 * torch.randn(n_vectors, dim, generator=gen))

@@ -33,7 +33,7 @@ from diffusers.utils import make_image_grid
 from torch import nn
 from tqdm.auto import tqdm
 
-from spectral_diffusion.adapters import adapter_state, inject_adapters, trainable_parameters
+from spectral_diffusion.adapters import adapter_state, conv_kernels, inject_adapters, trainable_parameters
 from spectral_diffusion.atomic import atomic_write
 from spectral_diffusion.band_registry import BandUse, choose_band, register_band
 from spectral_diffusion.concept_file import Concept, ConceptMeta, save_concept
@@ -460,7 +460,8 @@ class Trainer:
         layers = adapter_state(self.wrappers, ADAPTER_NAME)
         meta = ConceptMeta(variant=config.variant, rank=config.rank, band=self.meta_band, targets=config.targets,
                            base_fingerprint=self.fingerprint, token=config.token, token_names=self.token_names,
-                           class_word=config.class_word, training=self.settings())
+                           class_word=config.class_word, training=self.settings(),
+                           kernels=conv_kernels(self.pipe.unet, self.pipe.text_encoder, layers))
         save_concept(self.out, Concept(meta=meta, layers=layers,
                                        token_embeddings=self.embeddings.rows.detach().float().cpu()),
                      overwrite=config.overwrite)
