@@ -37,7 +37,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from spectral_diffusion.atomic import atomic_write
 from spectral_diffusion.errors import SpectralDiffusionError
-from spectral_diffusion.regional import Region, regional_prompting
+from spectral_diffusion.regional import Region, check_region_mode, regional_prompting
 
 # CLI name -> (diffusers class, config overrides, A1111 sampler name).
 SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict, str]] = {
@@ -74,6 +74,7 @@ class GenerationSettings:
     size: tuple[int, int] | None = None
     n: int = 1
     regions: Sequence[Region] = field(default_factory=tuple)
+    region_mode: str = "attention"
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -85,6 +86,7 @@ class GenerationSettings:
         if self.scheduler not in SCHEDULERS:
             raise SpectralDiffusionError(
                 f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        check_region_mode(self.region_mode)
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,8 @@ def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, *, mod
     try:
         with regional_prompting(pipe, settings.regions, height=height, width=width,
                                 negative_prompt=settings.negative,
-                                classifier_free_guidance=settings.guidance > 1), torch.no_grad():
+                                classifier_free_guidance=settings.guidance > 1,
+                                mode=settings.region_mode), torch.no_grad():
             images = pipe(prompt=settings.prompt, negative_prompt=settings.negative, height=height, width=width,
                           num_inference_steps=settings.steps, guidance_scale=settings.guidance,
                           num_images_per_prompt=settings.n, generator=generators, output_type="pil").images
@@ -170,6 +173,8 @@ def infotext(settings: GenerationSettings, seed: int, size: tuple[int, int], mod
         feathers = {r.feather for r in settings.regions}
         if feathers != {0.0}:
             fields["Region feather"] = ", ".join(f"{r.feather:g}" for r in settings.regions)
+        if settings.region_mode != "attention":  # the default stays unwritten, so older metadata is unchanged
+            fields["Region mode"] = settings.region_mode
     lines = [settings.prompt]
     if settings.negative:
         lines.append(f"Negative prompt: {settings.negative}")

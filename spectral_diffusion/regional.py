@@ -1,4 +1,11 @@
-"""Regional prompts: a global prompt plus boxed or masked regions, each with its own prompt, in cross-attention.
+"""Regional prompts: a global prompt plus boxed or masked regions, each with its own prompt.
+
+Two modes. `attention` (the default) blends cross-attention outputs per region, described below. `latent` (the
+region mode of MultiDiffusion and A1111 Regional Prompter's "Latent" mode) denoises each region on its own crop
+window of the latent with its own prompt and blends the noise predictions by the region masks: a model that only
+learned one subject per native-size image still draws one per window (`LatentWindowForward`).
+
+Attention mode:
 
 Mix-of-Show's regionally controllable sampling keeps two subjects apart by letting each image area attend to its
 own prompt. Here every cross-attention (`attn2`) layer of the UNet computes its output once for the global prompt
@@ -21,13 +28,25 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from PIL import Image
 
 from spectral_diffusion.errors import SpectralDiffusionError
 
 Box = tuple[float, float, float, float]
+Window = tuple[slice, slice]
+
+# How regions are drawn: blended cross-attention outputs, or per-region denoising of latent windows.
+REGION_MODES = ("attention", "latent")
+
+
+def check_region_mode(mode: str) -> str:
+    """`mode` if it is one of `REGION_MODES`, else a `SpectralDiffusionError` naming them."""
+    if mode not in REGION_MODES:
+        raise SpectralDiffusionError(f"unknown region mode {mode!r}; choose one of {', '.join(REGION_MODES)}")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -143,11 +162,14 @@ class RegionalState:
 
     def weights(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Blend weights for a layer: global `[tokens, 1]`, regions `[R, tokens, 1]` (masks kept in `self.masks`)."""
-        size = self.layer_size(tokens)
+        glob, regions = blend_weights(self.masks_at(self.layer_size(tokens)).flatten(1))
+        return glob[:, None], regions[..., None]
+
+    def masks_at(self, size: tuple[int, int]) -> torch.Tensor:
+        """The region masks area-downsampled to an (h, w) grid, `[R, h, w]` (cached in `self.masks`)."""
         if size not in self.masks:
             self.masks[size] = F.interpolate(self.image_masks[None], size=size, mode="area")[0]
-        glob, regions = blend_weights(self.masks[size].flatten(1))
-        return glob[:, None], regions[..., None]
+        return self.masks[size]
 
     def embeddings(self, index: int, batch: int) -> torch.Tensor:
         """Region `index`'s text embeddings laid out like the pipeline's batch (`[uncond..., cond...]` with CFG)."""
@@ -210,15 +232,113 @@ def _attend(attn: Attention, query: torch.Tensor, context: torch.Tensor,
     return out.transpose(1, 2).reshape(batch, -1, attn.heads * key.shape[-1]).to(query.dtype)
 
 
+def latent_window(mask: torch.Tensor, multiple: int) -> Window | None:
+    """(rows, cols) of the bounding box of `mask > 0` (`[h, w]`), widened outward to multiples of `multiple` and
+    clamped to the mask; None for an empty mask.
+
+    Aligned windows downsample exactly through the UNet, so a window the size of the native latent is processed
+    like a whole native image.
+    """
+    inside = mask > 0
+    rows, cols = inside.any(1).nonzero().flatten(), inside.any(0).nonzero().flatten()
+    if not len(rows):
+        return None
+
+    def snap(lo: int, hi: int, n: int) -> slice:
+        return slice(lo // multiple * multiple, min(n, -(-hi // multiple) * multiple))
+
+    return snap(int(rows[0]), int(rows[-1]) + 1, mask.shape[0]), snap(int(cols[0]), int(cols[-1]) + 1, mask.shape[1])
+
+
+def unet_multiple(unet: UNet2DConditionModel) -> int:
+    """The UNet's total downsampling factor: one halving between consecutive down blocks."""
+    return 2 ** (len(unet.config.block_out_channels) - 1)
+
+
+class LatentWindowForward:
+    """Stands in for `UNet2DConditionModel.forward`: each region denoised on its own latent window, blended.
+
+    Region `i` predicts noise on its window (`latent_window` of its mask at latent resolution) with its own prompt;
+    the global prompt predicts on the whole latent, and only if some place is not fully covered by regions. The
+    predictions are blended with `blend_weights` of the latent-resolution masks. The samplers' updates are linear in
+    the noise predictions and the weights stay fixed over the steps, so blending predictions equals blending the
+    per-window denoised latents, as MultiDiffusion does. Live adapters apply to every pass (same UNet modules).
+    """
+
+    def __init__(self, state: RegionalState, forward, multiple: int) -> None:
+        self.state = state
+        self.forward = forward
+        self.multiple = multiple
+
+    def windows(self, size: tuple[int, int]) -> list[Window | None]:
+        return [latent_window(mask, self.multiple) for mask in self.state.masks_at(size)]
+
+    def __call__(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *,
+                 return_dict: bool = True, **kwargs):
+        residuals = ("down_block_additional_residuals", "mid_block_additional_residual",
+                     "down_intrablock_additional_residuals")
+        if any(kwargs.get(name) is not None for name in residuals):
+            raise SpectralDiffusionError("latent region mode cannot crop ControlNet/adapter residuals; "
+                                         "use region mode 'attention'")
+        size = (sample.shape[-2], sample.shape[-1])
+        glob, weights = blend_weights(self.state.masks_at(size))
+        out = None
+        if glob.max() > 0:
+            eps = self.forward(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
+            out = eps * glob.to(eps)
+        region_kwargs = {**kwargs, "encoder_attention_mask": None}  # the global prompt's mask fits no region
+        for index, window in enumerate(self.windows(size)):
+            if window is None:
+                continue
+            context = self.state.embeddings(index, sample.shape[0]).to(encoder_hidden_states)
+            eps = self.forward(sample[(..., *window)], timestep, context, return_dict=False, **region_kwargs)[0]
+            if out is None:
+                out = eps.new_zeros(*eps.shape[:-2], *size)
+            out[(..., *window)] += weights[(index, *window)].to(eps) * eps
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+
+@contextmanager
+def _attention_processors(unet: UNet2DConditionModel, state: RegionalState) -> Iterator[None]:
+    """The regional processor on every cross-attention layer for the block; the previous ones come back after."""
+    cross = {name: m for name, m in unet.named_modules() if isinstance(m, Attention) and m.is_cross_attention}
+    previous = {name: m.processor for name, m in cross.items()}
+    processor = RegionalAttnProcessor(state)
+    try:
+        for module in cross.values():
+            module.set_processor(processor)
+        yield
+    finally:
+        for name, module in cross.items():
+            module.set_processor(previous[name])
+
+
+@contextmanager
+def _latent_windows(unet: UNet2DConditionModel, state: RegionalState) -> Iterator[None]:
+    """`unet.forward` replaced by a `LatentWindowForward` for the block (`nn.Module.__call__` looks `forward` up
+    on the instance first); an instance `forward` that was there before (accelerate's hooks) comes back after."""
+    own = vars(unet).get("forward")
+    unet.forward = LatentWindowForward(state, unet.forward, unet_multiple(unet))
+    try:
+        yield
+    finally:
+        if own is None:
+            del unet.forward
+        else:
+            unet.forward = own
+
+
 @contextmanager
 def regional_prompting(pipe: StableDiffusionPipeline, regions: Sequence[Region], *, height: int, width: int,
-                       negative_prompt: str = "",
-                       classifier_free_guidance: bool = True) -> Iterator[RegionalState | None]:
-    """Install regional cross-attention on `pipe.unet` for the block; the previous processors come back after.
+                       negative_prompt: str = "", classifier_free_guidance: bool = True,
+                       mode: str = "attention") -> Iterator[RegionalState | None]:
+    """Install regional prompting on `pipe.unet` for the block; the UNet is as before after it.
 
     `height`/`width` are the image size of the generation run inside the block, `classifier_free_guidance` whether
-    that run uses CFG (diffusers: `guidance_scale > 1`). With no regions this changes nothing (yields None).
+    that run uses CFG (diffusers: `guidance_scale > 1`), `mode` one of `REGION_MODES`. With no regions this changes
+    nothing (yields None).
     """
+    check_region_mode(mode)
     if not regions:
         yield None
         return
@@ -235,13 +355,6 @@ def regional_prompting(pipe: StableDiffusionPipeline, regions: Sequence[Region],
             uncond.append(neg)
     masks = torch.stack([region_mask(r, height, width) for r in regions]).to(device)
     state = RegionalState(masks, cond, uncond, (height // scale, width // scale), classifier_free_guidance)
-    cross = {name: m for name, m in pipe.unet.named_modules() if isinstance(m, Attention) and m.is_cross_attention}
-    previous = {name: m.processor for name, m in cross.items()}
-    processor = RegionalAttnProcessor(state)
-    try:
-        for module in cross.values():
-            module.set_processor(processor)
+    install = _latent_windows if mode == "latent" else _attention_processors
+    with install(pipe.unet, state):
         yield state
-    finally:
-        for name, module in cross.items():
-            module.set_processor(previous[name])

@@ -141,6 +141,11 @@ def test_two_region_generate(served):
     assert 'Regions: "<dogA> dog:0,0,0.5,1 | <catB> cat:0.5,0,1,1"' in parameters
     plain = generate(client, concepts=concepts, width=24, height=16)
     assert not np.array_equal(pixels((gallery, seed, parameters)), pixels(plain))
+    assert "Region mode" not in parameters
+    latent = generate(client, concepts=concepts, width=24, height=16, regions={"headers": HEADERS, "data": rows},
+                      region_feather=0.1, region_mode="latent")
+    assert latent[2].endswith("Region mode: latent")
+    assert not np.array_equal(pixels(latent), pixels((gallery, seed, parameters)))
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

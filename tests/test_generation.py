@@ -13,6 +13,7 @@ from spectral_diffusion.generation import (
     GeneratedImage,
     GenerationSettings,
     generate,
+    infotext,
     make_scheduler,
     native_size,
     parse_size,
@@ -123,3 +124,27 @@ def test_cli_generate_errors(tmp_path, tiny_model_dir, capsys) -> None:
     assert main(["generate", *base, "--model", str(tiny_model_dir), "--concepts", "x.safetensors"]) == 2
     assert "use --base, not --model" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_region_mode_setting_and_metadata() -> None:
+    regions = (Region("a red cat", (0.0, 0.0, 0.5, 1.0)),)
+    latent = GenerationSettings("a dog", regions=regions, region_mode="latent")
+    assert infotext(latent, 1, (32, 16), "toy", {}).endswith('Regions: "a red cat:0,0,0.5,1", Region mode: latent')
+    assert "Region mode" not in infotext(GenerationSettings("a dog", regions=regions), 1, (32, 16), "toy", {})
+    with pytest.raises(SpectralDiffusionError, match="unknown region mode 'tiles'; choose one of attention, latent"):
+        GenerationSettings("a dog", region_mode="tiles")
+
+
+def test_cli_generate_region_mode(tmp_path, tiny_model_dir, capsys) -> None:
+    base = ["--prompt", "a dog", "--base", str(tiny_model_dir), "--device", "cpu", "--steps", "1", "--size", "32x16",
+            "--region", "a red cat:0,0,0.5,1", "--region", "a green toy:0.5,0,1,1"]
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", *base, "--region-mode", "bogus", "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
+    assert main(["generate", *base, "--region-mode", "latent", "--out", str(tmp_path / "a")]) == 0
+    assert main(["generate", *base, "--out", str(tmp_path / "b")]) == 0
+    [latent], [attention] = (list((tmp_path / d).glob("*.png")) for d in "ab")
+    with Image.open(latent) as a, Image.open(attention) as b:
+        assert a.text["parameters"].endswith("Region mode: latent")
+        assert "Region mode" not in b.text["parameters"]
+        assert not np.array_equal(_pixels(a), _pixels(b))

@@ -10,7 +10,15 @@ from spectral_diffusion.compose import Composer
 from spectral_diffusion.concept_file import save_concept
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.generation import make_scheduler
-from spectral_diffusion.regional import Region, blend_weights, parse_region, region_mask, regional_prompting
+from spectral_diffusion.regional import (
+    Region,
+    blend_weights,
+    latent_window,
+    parse_region,
+    region_mask,
+    regional_prompting,
+    unet_multiple,
+)
 from spectral_diffusion.testing.tiny_sd import random_concept
 
 PROMPT = "a photo of a dog"
@@ -70,10 +78,10 @@ def test_blend_weights_normalise_overlaps_and_fill_with_global() -> None:
 
 
 def _run(pipe, regions, *, prompt=PROMPT, height=16, width=16, negative="", seed=0, steps=2, generator=None,
-         **kwargs):
+         mode="attention", **kwargs):
     """Latents of a short run of `pipe` inside `regional_prompting`, and the regional state."""
     with regional_prompting(pipe, regions, height=height, width=width, negative_prompt=negative,
-                            classifier_free_guidance=kwargs.get("guidance_scale", 7.5) > 1) as state:
+                            classifier_free_guidance=kwargs.get("guidance_scale", 7.5) > 1, mode=mode) as state:
         images = pipe(prompt, negative_prompt=[negative] * len(prompt) if isinstance(prompt, list) else negative,
                       height=height, width=width, num_inference_steps=steps,
                       generator=generator or torch.Generator().manual_seed(seed), output_type="latent",
@@ -157,3 +165,109 @@ def test_regions_see_live_adapters(tmp_path, tiny_pipe) -> None:
     plain, _ = _run(tiny_pipe, [], prompt="a photo of <dogA>")
     same, _ = _run(tiny_pipe, [Region("a photo of <dogA>", (0.0, 0.0, 0.5, 1.0))], prompt="a photo of <dogA>")
     assert torch.allclose(plain, same, atol=1e-4)
+
+
+# ---- latent mode (window denoising) ----------------------------------------------------------------------------
+# The tiny UNet: native latent 8x8 (16x16 images, VAE factor 2), two down blocks, so windows snap to multiples of 2.
+
+
+def test_latent_window_snaps_outward_to_the_unet_multiple() -> None:
+    mask = torch.zeros(16, 24)
+    mask[3:10, 5:18] = 0.5
+    assert latent_window(mask, 4) == (slice(0, 12), slice(4, 20))
+    assert latent_window(mask, 1) == (slice(3, 10), slice(5, 18))
+    edge = torch.zeros(10, 10)
+    edge[7:, 9:] = 1
+    assert latent_window(edge, 8) == (slice(0, 10), slice(8, 10))  # clamped to the latent
+    assert latent_window(torch.zeros(4, 4), 2) is None
+
+
+def test_latent_window_of_an_unaligned_box_covers_it(tiny_pipe) -> None:
+    # Box 0.3..0.55 x 0.1..0.9 of a 64x48 image: latent 24x32, mask columns 9..17 (partly), rows 2..22.
+    multiple = unet_multiple(tiny_pipe.unet)
+    assert multiple == 2
+    region = Region("a red cat", (0.3, 0.1, 0.55, 0.9))
+    mask = torch.nn.functional.interpolate(region_mask(region, 48, 64)[None, None], size=(24, 32), mode="area")[0, 0]
+    rows, cols = latent_window(mask, multiple)
+    assert all(s.start % multiple == 0 and s.stop % multiple == 0 for s in (rows, cols))
+    inside = mask.nonzero()
+    assert rows.start <= inside[:, 0].min() and inside[:, 0].max() < rows.stop
+    assert cols.start <= inside[:, 1].min() and inside[:, 1].max() < cols.stop
+    assert (rows.stop - rows.start, cols.stop - cols.start) == (20, 10)
+
+
+def test_latent_mode_whole_image_region_with_the_global_prompt_changes_nothing(tiny_pipe) -> None:
+    # One region covering the canvas: the global weight is 0 everywhere (its pass is skipped) and the region's weight
+    # is exactly 1, so the region's prediction on the whole latent with the same embeddings comes back unchanged
+    # (x * 1.0 + 0.0 is exact); only kernel nondeterminism could differ, hence a tolerance far below any real change.
+    tiny_pipe.scheduler = make_scheduler("ddim", tiny_pipe.scheduler.config)
+    plain, _ = _run(tiny_pipe, [], negative="blue", width=32)
+    same, _ = _run(tiny_pipe, [Region(PROMPT, (0.0, 0.0, 1.0, 1.0))], negative="blue", width=32, mode="latent")
+    other, _ = _run(tiny_pipe, [Region("a red cat", (0.0, 0.0, 1.0, 1.0))], negative="blue", width=32,
+                    mode="latent")
+    assert torch.allclose(plain, same, rtol=0, atol=1e-6)
+    assert (plain - other).abs().max() > 1e-2
+
+
+def test_latent_mode_left_half_is_the_native_image_of_the_left_prompt(tiny_pipe) -> None:
+    # Left | right at twice the native width: the windows are the two native 8x8 halves and cover the canvas, so with
+    # DDIM (eta 0, deterministic, per-pixel update) and the same initial noise, the left half of the latents is what a
+    # native-size run of the left prompt alone gives from the left crop of that noise. Both runs make the same UNet
+    # calls on the same numbers (bit-equal on CPU); the tolerance only allows another summation order for a crop.
+    tiny_pipe.scheduler = make_scheduler("ddim", tiny_pipe.scheduler.config)
+    noise = torch.randn(1, 4, 8, 16, generator=torch.Generator().manual_seed(3))
+    regions = [Region("a red cat", (0.0, 0.0, 0.5, 1.0)), Region("a green toy in the snow", (0.5, 0.0, 1.0, 1.0))]
+    wide, _ = _run(tiny_pipe, regions, prompt=PROMPT, width=32, latents=noise.clone(), mode="latent")
+    left, _ = _run(tiny_pipe, [], prompt="a red cat", latents=noise[..., :8].clone())
+    right, _ = _run(tiny_pipe, [], prompt="a green toy in the snow", latents=noise[..., 8:].clone())
+    assert torch.allclose(wide[..., :8], left, rtol=0, atol=1e-5)
+    assert torch.allclose(wide[..., 8:], right, rtol=0, atol=1e-5)
+    assert (left - right).abs().max() > 1e-2
+
+
+def test_latent_mode_blends_region_windows_with_the_global_prediction(tiny_pipe) -> None:
+    # The UNet stand-in directly: a region on latent columns 0..4 (window snapped out to columns 0..5) and nothing
+    # on the right. Inside the box its own window prediction, outside the box the global prediction.
+    unet = tiny_pipe.unet
+    sample = torch.randn(2, 4, 8, 16, generator=torch.Generator().manual_seed(0))
+    glob_emb = torch.cat(tiny_pipe.encode_prompt(PROMPT, "cpu", 1, True, "")[::-1])
+    with torch.no_grad(), regional_prompting(tiny_pipe, [Region("a red cat", (0.0, 0.0, 0.3125, 1.0))], height=16,
+                                              width=32, mode="latent") as state:
+        out = unet(sample, 10, encoder_hidden_states=glob_emb).sample
+        (tup,) = unet(sample, 10, encoder_hidden_states=glob_emb, return_dict=False)
+        region_emb = state.embeddings(0, 2)
+    with torch.no_grad():
+        window = unet(sample[..., :6], 10, encoder_hidden_states=region_emb).sample
+        whole = unet(sample, 10, encoder_hidden_states=glob_emb).sample
+    assert torch.equal(out, tup)
+    assert torch.allclose(out[..., :5], window[..., :5], rtol=0, atol=1e-6)
+    assert torch.allclose(out[..., 5:], whole[..., 5:], rtol=0, atol=1e-6)
+    assert (window[..., :5] - whole[..., :5]).abs().max() > 1e-3
+
+
+def test_unknown_region_mode_is_refused() -> None:
+    # Checked before anything else, so even a run without regions is refused (no pipeline needed).
+    message = "unknown region mode 'tiles'; choose one of attention, latent"
+    with pytest.raises(SpectralDiffusionError, match=message), \
+            regional_prompting(None, [], height=16, width=16, mode="tiles"):  # type: ignore[arg-type]
+        pass
+
+
+@pytest.mark.parametrize("mode", ["attention", "latent"])
+def test_unet_is_restored_after_the_block_even_on_error(tiny_pipe, mode) -> None:
+    unet = tiny_pipe.unet
+    forward, processors = unet.forward, dict(unet.attn_processors)
+    regions = [Region("a red cat", (0.0, 0.0, 0.5, 1.0))]
+    with regional_prompting(tiny_pipe, regions, height=16, width=16, mode=mode):
+        assert (unet.forward != forward) == (mode == "latent")
+    assert "forward" not in vars(unet) and unet.forward == forward
+    with pytest.raises(ValueError, match="boom"), regional_prompting(tiny_pipe, regions, height=16, width=16,
+                                                                      mode=mode):
+        raise ValueError("boom")
+    assert "forward" not in vars(unet) and unet.forward == forward
+    assert unet.attn_processors == processors
+    # An instance-level forward that was there before (as accelerate's hooks install) comes back too.
+    unet.forward = own = lambda *args, **kwargs: None
+    with regional_prompting(tiny_pipe, regions, height=16, width=16, mode=mode):
+        pass
+    assert vars(unet)["forward"] is own

@@ -11,12 +11,15 @@ from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.fusion import read_fusion_json
 from spectral_diffusion.generation import SCHEDULERS, GenerationSettings, generate, parse_size, save_images
 from spectral_diffusion.models import add_base_arguments, load_base_from_args
-from spectral_diffusion.regional import parse_region
+from spectral_diffusion.regional import REGION_MODES, parse_region
 
 EPILOG = """\
 Regions: --region "<dogA> dog, sitting:0,0,0.5,1" gives the part of the image in the relative box x0,y0,x1,y1
 (after the LAST colon) its own prompt; "PROMPT:mask.png" uses a greyscale mask image instead of a box. Repeat for
 more regions. --region-negative gives the regions, in order, their own negative prompts; --feather softens box edges.
+--region-mode attention (default) gives each region its own prompt in cross-attention over the whole image;
+--region-mode latent denoises each region on its own latent window (a region of the model's native size is drawn
+as a whole native image) and blends the predictions by the region masks, for models that draw one subject per image.
 
 Each PNG records its settings in A1111's "parameters" text chunk; image i of a run uses seed S+i, so any image
 can be remade alone. Files are numbered after those already in --out and never overwritten.
@@ -49,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="negative prompt of the next region, in order (repeatable; default: --negative)")
     p.add_argument("--feather", type=float, default=0.0,
                    help="width of the soft edge of region boxes, relative to the image side (default: 0)")
+    p.add_argument("--region-mode", choices=list(REGION_MODES), default="attention",
+                   help="attention: regions' prompts blended in cross-attention; latent: each region denoised on its "
+                        "own latent window, predictions blended by the masks (default: attention)")
     add_base_arguments(p)
     p.set_defaults(func=run)
 
@@ -73,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                     for spec, neg in zip(args.region, negatives, strict=True))
     settings = GenerationSettings(prompt=args.prompt, negative=args.negative, steps=args.steps,
                                   guidance=args.guidance, scheduler=args.scheduler, seed=args.seed, size=args.size,
-                                  n=args.n, regions=regions)
+                                  n=args.n, regions=regions, region_mode=args.region_mode)
     if args.model:
         args.base = args.model
     pipe = load_base_from_args(args)

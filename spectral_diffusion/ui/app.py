@@ -284,7 +284,7 @@ class _AppBuilder:
                     with gr.Tab("Concept library"):
                         self.concept_library(pick)
                     with gr.Tab("Regions"):
-                        rows, feather = self.regions_panel(pick, width_in, height_in)
+                        rows, feather, region_mode = self.regions_panel(pick, width_in, height_in)
             with gr.Column(scale=6):
                 gallery = gr.Gallery(label="Results", columns=2, height=520, object_fit="contain", format="png",
                                      elem_id="results")
@@ -296,16 +296,17 @@ class _AppBuilder:
         @handler
         def generate(prompt: str, negative_prompt: str, concepts: dict | None, seed: float | None, steps: float,
                      guidance_scale: float, width: float, height: float, scheduler: str, num_images: float,
-                     regions: list[list] | None, region_feather: float,
+                     regions: list[list] | None, region_feather: float, region_mode: str = "attention",
                      progress: gr.Progress = PROGRESS) -> tuple[list, int, str]:
             """Generate images; `concepts` maps concept names to weights, `regions` rows are
-            [prompt, x0, y0, x1, y1, negative prompt] with relative boxes."""
+            [prompt, x0, y0, x1, y1, negative prompt] with relative boxes, `region_mode` attention or latent."""
             if concepts is not None and not isinstance(concepts, dict):
                 raise SpectralDiffusionError("concepts must map concept names to weights, e.g. {\"dogA\": 1.0}")
             settings = GenerationSettings(
                 prompt=prompt or "", negative=negative_prompt or "", steps=int(steps), guidance=float(guidance_scale),
                 scheduler=scheduler, seed=resolve_seed(seed), size=(int(width), int(height)), n=int(num_images),
-                regions=tuple(region_table.rows_to_regions(regions, region_feather)))
+                regions=tuple(region_table.rows_to_regions(regions, region_feather)),
+                region_mode=region_mode or "attention")
             progress(0, desc="Preparing")
             results = backend.generate(settings, concepts or {},
                                        on_step=lambda i, n: progress((i, n), desc="Denoising", unit="steps"))
@@ -313,12 +314,14 @@ class _AppBuilder:
                     "\n\n".join(image.parameters for _, image in results))
 
         run.click(generate, [prompt, negative, weights, seed, steps, guidance, width_in, height_in, scheduler,
-                             count, rows, feather], [gallery, used_seed, info], api_name="generate")
+                             count, rows, feather, region_mode], [gallery, used_seed, info], api_name="generate")
         dice.click(lambda: -1, None, seed, api_visibility="private", queue=False)
         reuse.click(lambda used: used, used_seed, seed, api_visibility="private", queue=False)
 
-    def regions_panel(self, pick: gr.Dropdown, width: gr.Slider, height: gr.Slider) -> tuple[gr.Dataframe, gr.Slider]:
-        """Region rows (prompt + relative box + optional negative prompt), layout presets, and a live preview."""
+    def regions_panel(self, pick: gr.Dropdown, width: gr.Slider,
+                      height: gr.Slider) -> tuple[gr.Dataframe, gr.Slider, gr.Radio]:
+        """Region rows (prompt + relative box + optional negative prompt), layout presets, the region mode, and a
+        live preview."""
         backend = self.backend
         gr.Markdown("One row per subject: its prompt and box, relative to the image (0..1). The main prompt fills "
                     "the rest. Leave the table empty for ordinary generation.")
@@ -329,6 +332,11 @@ class _AppBuilder:
             layout_buttons = [gr.Button(name, size="sm") for name in region_table.LAYOUTS]
             clear = gr.Button("Clear", size="sm")
         feather = gr.Slider(0.0, 0.25, value=0.05, step=0.01, label="Soft edge (fraction of the image side)")
+        mode = gr.Radio([("Cross-attention", "attention"), ("Latent windows", "latent")], value="attention",
+                        label="Region mode", elem_id="region-mode",
+                        info="Cross-attention: each region's prompt in attention over the whole image. Latent "
+                             "windows: each region denoised on its own crop, for models that draw one subject "
+                             "per image.")
         preview = gr.Image(region_table.preview([], int(width.value), int(height.value)), label="Layout",
                            interactive=False, height=240, format="png")
 
@@ -345,7 +353,7 @@ class _AppBuilder:
         clear.click(lambda: [], None, rows, api_visibility="private", queue=False)
         gr.on([rows.change, width.change, height.change], lambda r, w, h: region_table.preview(r, int(w), int(h)),
               [rows, width, height], preview, api_visibility="private", queue=False)
-        return rows, feather
+        return rows, feather, mode
 
     # ---- Train -----------------------------------------------------------------------------------------------
 
