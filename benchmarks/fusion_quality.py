@@ -11,7 +11,7 @@ mean, sum, ties, dare, gradient for all). The bundled judge reads the generated 
 - fused identity and retention (mean fused identity / mean single identity over the N concepts);
 - prompt fidelity: background match when asked for a background no photo had (fused model);
 - regional success: concepts 0 | 1 (and 2 | 3 from N = 4) side by side with regional prompts, the fraction of seeds
-  in which the judge recognises both, each in its own half.
+  in which the judge recognises both, each in its own half; in both region modes (cross-attention, latent windows).
 
 Trained concepts are cached under --cache, keyed by concept, kind, rank, band, steps, seed, recipe and base
 fingerprint, and so is every evaluated (kind, method, N): an interrupted run continues where it stopped and a
@@ -50,7 +50,8 @@ from spectral_diffusion.compose import Composer
 from spectral_diffusion.fingerprint import base_fingerprint
 from spectral_diffusion.fusion import fuse
 from spectral_diffusion.models import load_base
-from spectral_diffusion.toyworld.demo import concept_train_config, write_photos
+from spectral_diffusion.regional import REGION_MODES
+from spectral_diffusion.toyworld.demo import TOY_STEPS, TOY_TARGETS, concept_train_config, write_photos
 from spectral_diffusion.toyworld.judge import JUDGE_PATH, Judge
 from spectral_diffusion.toyworld.scoring import Sampling, retention, score_concept, score_regional
 from spectral_diffusion.training.config import TrainConfig
@@ -64,7 +65,6 @@ CONCEPTS = ("striped_fish", "red_door_house", "bullseye", "swiss_cross", "spotte
             "hex_nut", "candy_heart")
 KINDS = ("additive", "rotational", "lora", "ortho")
 BASELINES = ("mean", "sum", "ties", "dare", "gradient")
-TARGETS = "attn"
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class Plan:
     """What one run trains and samples."""
 
     counts: tuple[int, ...] = (1, 2, 4, 8)
-    steps: int = 250
+    steps: int = TOY_STEPS
     seeds: int = 8
     sample_steps: int = 12
     batch_size: int = 4
@@ -96,10 +96,10 @@ def methods_for(kind: str) -> tuple[str, ...]:
 
 
 def trainable_count(pipe: StableDiffusionPipeline, kind: str, rank: int) -> int:
-    """Trainable adapter parameters of one concept of `kind` at `rank` on `pipe`'s `attn` layers (token
+    """Trainable adapter parameters of one concept of `kind` at `rank` on `pipe`'s toy-recipe layers (token
     embeddings excluded: every kind trains the same rows)."""
     unet, text_encoder = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
-    wrappers = inject_adapters(unet, text_encoder, AdapterConfig(variant=kind, rank=rank, targets=TARGETS))
+    wrappers = inject_adapters(unet, text_encoder, AdapterConfig(variant=kind, rank=rank, targets=TOY_TARGETS))
     count = sum(p.numel() for p in trainable_parameters(wrappers, "default"))
     remove_adapters(unet, text_encoder)
     return count
@@ -108,7 +108,8 @@ def trainable_count(pipe: StableDiffusionPipeline, kind: str, rank: int) -> int:
 def max_rank(pipe: StableDiffusionPipeline, kind: str, bands: int) -> int:
     """The largest rank for which `bands` disjoint bands fit every targeted layer (spectral kinds), else the
     smallest layer side."""
-    sides = [min(weight_matrix(unwrap(m)).shape) for m in find_targets(pipe.unet, pipe.text_encoder, TARGETS).values()]
+    targets = find_targets(pipe.unet, pipe.text_encoder, TOY_TARGETS)
+    sides = [min(weight_matrix(unwrap(m)).shape) for m in targets.values()]
     return min(sides) // bands if kind in SPECTRAL_VARIANTS else min(sides)
 
 
@@ -197,8 +198,8 @@ def evaluate_fused(base: StableDiffusionPipeline, judge: Judge, names: Sequence[
     pipe = copy.deepcopy(base)
     report = fuse(list(paths), pipe, method=method)
     scores = {name: score_concept(pipe, judge, name, sampling).to_dict() for name in names}
-    regional = [score_regional(pipe, judge, names[a], names[b], sampling).to_dict()
-                for a, b in regional_pairs(len(names))]
+    regional = [score_regional(pipe, judge, names[a], names[b], sampling, mode=mode).to_dict()
+                for a, b in regional_pairs(len(names)) for mode in REGION_MODES]
     return {"concepts": scores, "regional": regional, "fuse_seconds": report.seconds}
 
 
@@ -212,7 +213,7 @@ class Row:
     retention: float
     single_fidelity: float
     fused_fidelity: float
-    regional: float | None
+    regional: dict[str, float]  # region mode -> success (empty below N = 2)
     fuse_seconds: float
 
 
@@ -222,18 +223,23 @@ def summarise(n: int, kind: str, method: str, single: dict, fused: dict) -> Row:
     names = list(fused["concepts"])
     mean = lambda scores, key: sum(scores[c][key] for c in names) / len(names)  # noqa: E731
     single_id, fused_id = mean(single["concepts"], "identity"), mean(fused["concepts"], "identity")
-    regional = [r["success"] for r in fused["regional"]]
+    regional = {}
+    for mode in REGION_MODES:
+        successes = [r["success"] for r in fused["regional"] if r["mode"] == mode]
+        if successes:
+            regional[mode] = sum(successes) / len(successes)
     return Row(n, kind, method, single_id, fused_id, retention(fused_id, single_id),
-               mean(single["concepts"], "fidelity"), mean(fused["concepts"], "fidelity"),
-               sum(regional) / len(regional) if regional else None, fused["fuse_seconds"])
+               mean(single["concepts"], "fidelity"), mean(fused["concepts"], "fidelity"), regional,
+               fused["fuse_seconds"])
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
-    head = ("| N | kind | method | identity single | identity fused | retention | fidelity single | "
-            "fidelity fused | regional success | fuse s |\n|" + " --- |" * 10)
+    modes = " | ".join(f"regional ({mode})" for mode in REGION_MODES)
+    head = (f"| N | kind | method | identity single | identity fused | retention | fidelity single | "
+            f"fidelity fused | {modes} | fuse s |\n|" + " --- |" * (9 + len(REGION_MODES)))
     lines = [head]
     for r in rows:
-        regional = "–" if r.regional is None else f"{r.regional:.2f}"
+        regional = " | ".join("–" if mode not in r.regional else f"{r.regional[mode]:.2f}" for mode in REGION_MODES)
         lines.append(f"| {r.n} | {r.kind} | {r.method} | {r.single_identity:.2f} | {r.fused_identity:.2f} | "
                      f"{r.retention:.2f} | {r.single_fidelity:.2f} | {r.fused_fidelity:.2f} | {regional} | "
                      f"{r.fuse_seconds:.1f} |")
@@ -309,8 +315,9 @@ def run(args: argparse.Namespace) -> list[Row]:
         section = "\n".join([
             f"Made by `.venv/bin/python {command.strip()}` on {datetime.now(timezone.utc):%Y-%m-%d} ({machine()}).",
             f"Base: `{args.base}` (fingerprint {fingerprint}); {plan.steps} training steps per concept, batch "
-            f"{plan.batch_size}, the trainer's default learning rates per kind; {plan.seeds} seeds per prompt, "
-            f"{plan.sample_steps} DPM++ steps, CFG 5. Matched budget ({TARGETS} layers): {budget}.",
+            f"{plan.batch_size}, the toy recipe's learning rates per kind (`toyworld/demo.py`: `TOY_LRS`); "
+            f"{plan.seeds} seeds per prompt, {plan.sample_steps} DPM++ steps, CFG 5. Matched budget "
+            f"({TOY_TARGETS} layers): {budget}.",
             "", table] + ([f"\nNot evaluated (not in the cache): {', '.join(missing)}."] if missing else []))
         write_results(args.out or DOC, section)
         print(f"wrote {args.out or DOC}")

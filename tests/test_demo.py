@@ -51,6 +51,7 @@ def test_demo_writes_grid_images_scores_and_reuses_concepts(tiny_model_dir, tmp_
 
     files = {name: out / "concepts" / f"{name}.safetensors" for name in CONCEPTS}
     assert [read_meta(files[name]).band for name in CONCEPTS] == [0, 1]
+    assert read_meta(files["bullseye"]).kernels  # the toy recipe adapts the 3x3 convolutions too
     assert any("fused 2 concepts" in line for line in logs)
     side = 16  # the tiny model's native size
     images = sorted((out / "images").glob("*.png"))
@@ -59,7 +60,7 @@ def test_demo_writes_grid_images_scores_and_reuses_concepts(tiny_model_dir, tmp_
     with Image.open(out / "images" / "regions-striped_fish+bullseye-1000.png") as img:
         assert img.size == (2 * side, side)
         assert concept_token("striped_fish") in img.text["parameters"]
-        assert "Regions: " in img.text["parameters"]
+        assert "Regions: " in img.text["parameters"] and "Region mode: latent" in img.text["parameters"]
     with Image.open(out / "images" / "fused-bullseye-new-background-1000.png") as img:
         assert img.text["parameters"].startswith("a photo of <bullseye> circle on a dotted background")
     with Image.open(result.grid) as grid:
@@ -125,7 +126,8 @@ def test_trainable_count_matches_the_adapter_shapes(tiny_pipe, tmp_path, monkeyp
     monkeypatch.setenv("SPECTRAL_DIFFUSION_CACHE", str(tmp_path))
     bench = _load_benchmark()
     shapes = [bench.weight_matrix(bench.unwrap(m)).shape
-              for m in bench.find_targets(tiny_pipe.unet, tiny_pipe.text_encoder, "attn").values()]
+              for m in bench.find_targets(tiny_pipe.unet, tiny_pipe.text_encoder, bench.TOY_TARGETS).values()]
+    assert any(s[1] % 9 == 0 and s[1] > s[0] for s in shapes)  # 3x3 convs count as [out, in*9]
     assert bench.trainable_count(tiny_pipe, "lora", 3) == sum(3 * (o + i) for o, i in shapes)
     assert bench.trainable_count(tiny_pipe, "additive", 2) == sum(2 * (o + i + 1) for o, i in shapes)
     assert bench.trainable_count(tiny_pipe, "rotational", 4) == len(shapes) * (2 * 6 + 4)
@@ -136,14 +138,15 @@ def test_summary_rows_table_and_results_file(tmp_path):
     bench = _load_benchmark()
     single = {"concepts": {"a": {"identity": 0.8, "fidelity": 0.5}, "b": {"identity": 0.4, "fidelity": 0.7}}}
     fused = {"concepts": {"a": {"identity": 0.6, "fidelity": 0.4}, "b": {"identity": 0.3, "fidelity": 0.6}},
-             "regional": [{"success": 0.25}], "fuse_seconds": 0.5}
+             "regional": [{"mode": "attention", "success": 0.25}, {"mode": "latent", "success": 0.5},
+                          {"mode": "latent", "success": 1.0}], "fuse_seconds": 0.5}
     row = bench.summarise(2, "additive", "spectral", single, fused)
     assert row.single_identity == pytest.approx(0.6) and row.fused_identity == pytest.approx(0.45)
-    assert row.retention == pytest.approx(0.75) and row.regional == 0.25
+    assert row.retention == pytest.approx(0.75) and row.regional == {"attention": 0.25, "latent": 0.75}
     assert bench.regional_pairs(1) == [] and bench.regional_pairs(2) == [(0, 1)]
     assert bench.regional_pairs(8) == [(0, 1), (2, 3)]
     table = bench.markdown_table([row])
-    assert table.splitlines()[2] == "| 2 | additive | spectral | 0.60 | 0.45 | 0.75 | 0.60 | 0.50 | 0.25 | 0.5 |"
+    assert table.splitlines()[2] == "| 2 | additive | spectral | 0.60 | 0.45 | 0.75 | 0.60 | 0.50 | 0.25 | 0.75 | 0.5 |"
 
     doc = tmp_path / "results.md"
     bench.write_results(doc, "first")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 EPILOG = """\
 Trains three bundled toy-world concepts (a striped fish, a house with a red door, a bullseye) on the bundled toy
-model, each in its own SVD band (0, 1, 2) with a rank-4 additive Spectral Adapter, fuses them exactly (spectral),
-and generates each concept alone, on a background its photos never had, and two concepts side by side with regional
-prompts. The judge (a classifier trained on renders) prints each concept's identity with its own model and in the
+model, each in its own SVD band (0, 1, 2) with a rank-4 additive Spectral Adapter on the attention, feed-forward and
+3x3 conv layers, fuses them exactly (spectral), and generates each concept alone, on a background its photos never
+had, and two concepts side by side with regional prompts (latent-window mode by default). The judge (a classifier trained on renders) prints each concept's identity with its own model and in the
 fused model, and the prompt fidelity. Writes OUT/grid.png, OUT/images/*.png (with generation metadata),
 OUT/concepts/*.safetensors and OUT/scores.json. A second run reuses the trained concepts; --overwrite retrains.
 The same steps as separate commands: pipelines/toy_three_concepts.sh.
@@ -17,6 +17,7 @@ The same steps as separate commands: pipelines/toy_three_concepts.sh.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from spectral_diffusion.regional import REGION_MODES
     from spectral_diffusion.toyworld.demo import DemoConfig
 
     defaults = DemoConfig()
@@ -32,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--concepts", nargs="+", default=list(defaults.concepts), metavar="NAME",
                    help="toy concepts to train, one band each (default: %(default)s)")
+    p.add_argument("--region-mode", choices=REGION_MODES, default=defaults.region_mode,
+                   help="how the two-concept images are drawn (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="retrain concepts already in OUT")
     p.set_defaults(func=run)
 
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from spectral_diffusion.toyworld.demo import DemoConfig, run_demo
 
     config = DemoConfig(out=args.out, base=args.base, device=args.device, concepts=args.concepts, steps=args.steps,
-                        seeds=args.seeds, overwrite=args.overwrite)
+                        seeds=args.seeds, region_mode=args.region_mode, overwrite=args.overwrite)
     result = run_demo(config)
     print(result.table())
     print(f"wrote {result.grid}, {config.out / 'images'}/, {config.out / 'scores.json'} "

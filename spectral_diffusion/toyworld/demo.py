@@ -55,8 +55,17 @@ from spectral_diffusion.training.trainer import train
 
 # Three concepts whose class words differ (fish, house, circle), so the regional pairs are easy to tell apart.
 DEMO_CONCEPTS = ("striped_fish", "red_door_house", "bullseye")
+# The toy-world recipe, tuned on the bundled base (docs/toyworld.md, "Training the concepts"). The concepts draw
+# colour layouts the base never drew (a yellow house with a blue roof and a red door), which attention-only
+# adapters did not learn (identity <= 0.1): the 3x3 convolutions must adapt too. (UNet, text encoder) learning
+# rates per kind; every kind trains the token rows at TOY_LR_EMB.
+TOY_TARGETS = "attn+ff+conv"
+TOY_STEPS = 800
+TOY_LRS = {"additive": (3e-3, 1e-3), "rotational": (3e-3, 1e-3), "lora": (1e-3, 1e-4), "ortho": (1e-3, 1e-4)}
+TOY_LR_EMB = 5e-3
 # Training settings the demo checks before reusing a concept file from an earlier run.
-RECIPE_KEYS = ("variant", "band", "rank", "steps", "batch_size", "lr_unet", "lr_text", "seed", "base_fingerprint")
+RECIPE_KEYS = ("variant", "band", "rank", "targets", "steps", "batch_size", "lr_unet", "lr_text", "lr_emb", "seed",
+               "base_fingerprint")
 
 
 @dataclass
@@ -67,17 +76,20 @@ class DemoConfig:
     base: str = "toy"
     device: str | None = None
     concepts: Sequence[str] = DEMO_CONCEPTS
-    steps: int = 300
+    steps: int = TOY_STEPS
     seeds: int = 8
     variant: str = "additive"
     rank: int = 4
     batch_size: int = 4
-    lr_unet: float | None = None  # None: the trainer's default for the variant
+    lr_unet: float | None = None  # None: TOY_LRS[variant]
     lr_text: float | None = None
     seed: int = 0
     sample_steps: int = 20
     guidance: float = 5.0
     new_background: str = NEW_BACKGROUND
+    # latent: the toy base only ever drew one object per 64x64 image, so in cross-attention mode a 128x64 canvas
+    # gets one object; window denoising gives each half its own native-size pass
+    region_mode: str = "latent"
     overwrite: bool = False
 
     def check(self) -> None:
@@ -123,23 +135,28 @@ class DemoResult:
                          f"{retention(fused.identity, single.identity):>9.2f} {single.fidelity:>15.2f} "
                          f"{fused.fidelity:>14.2f}")
         for r in self.regional:
-            lines.append(f"regions {r.left} | {r.right}: both recognised in {r.success:.0%} of seeds "
+            lines.append(f"regions {r.left} | {r.right} ({r.mode} mode): both recognised in {r.success:.0%} of seeds "
                          f"(identity {r.left_identity:.2f} | {r.right_identity:.2f})")
         return "\n".join(lines)
 
 
 def concept_train_config(name: str, photo_dir: str | Path, out: str | Path, *, base: str = "toy",
                          device: str | None = None, variant: str = "additive", rank: int = 4, band: int | str = 0,
-                         steps: int = 300, batch_size: int = 4, lr_unet: float | None = None,
+                         steps: int = TOY_STEPS, batch_size: int = 4, lr_unet: float | None = None,
                          lr_text: float | None = None, seed: int = 0, overwrite: bool = False) -> TrainConfig:
-    """The toy-world training recipe for concept `name` (also the fusion benchmark's): `attn` targets, two token
-    vectors, no flips (the concepts are not mirror-symmetric), no checkpoints on schedule and no preview (the
-    caller samples); an interrupted run resumes from its Ctrl-C checkpoint."""
+    """The toy-world training recipe for concept `name` (also the fusion benchmark's): `TOY_TARGETS`, the kind's
+    `TOY_LRS` unless given, two token vectors, no flips (the concepts are not mirror-symmetric), no checkpoints on
+    schedule and no preview (the caller samples); an interrupted run resumes from its Ctrl-C checkpoint."""
+    if variant not in TOY_LRS:
+        raise SpectralDiffusionError(f"unknown adapter variant {variant!r}; choose one of {', '.join(TOY_LRS)}")
+    unet_lr, text_lr = TOY_LRS[variant]
     return TrainConfig(
         photo_dir=photo_dir, token=concept_token(name), out=out, class_word=concepts.get_concept(name).class_word,
-        base=base, device=device, variant=variant, band=band, rank=rank, steps=steps, batch_size=batch_size,
-        lr_unet=lr_unet, lr_text=lr_text, seed=seed, flip=False, checkpoint_every=0, preview_images=0,
-        resume=checkpoint_dir(Path(out)).is_dir() and not overwrite, overwrite=overwrite)
+        base=base, device=device, variant=variant, band=band, rank=rank, targets=TOY_TARGETS, steps=steps,
+        batch_size=batch_size, lr_unet=unet_lr if lr_unet is None else lr_unet,
+        lr_text=text_lr if lr_text is None else lr_text, lr_emb=TOY_LR_EMB, seed=seed, flip=False,
+        checkpoint_every=0, preview_images=0, resume=checkpoint_dir(Path(out)).is_dir() and not overwrite,
+        overwrite=overwrite)
 
 
 def write_photos(names: Sequence[str], root: Path) -> dict[str, Path]:
@@ -158,10 +175,10 @@ def _reusable(path: Path, config: TrainConfig, band: int, fingerprint: str) -> b
     if not path.is_file() or config.overwrite:
         return False
     meta = read_meta(path)
-    wanted = {"variant": config.variant, "band": band, "rank": config.rank, "steps": config.steps,
-              "batch_size": config.batch_size, "seed": config.seed, "base_fingerprint": fingerprint}
-    lrs = config.learning_rates()
-    wanted.update(lr_unet=lrs[0], lr_text=lrs[1])
+    lr_unet, lr_text, lr_emb = config.learning_rates()
+    wanted = {"variant": config.variant, "band": band, "rank": config.rank, "targets": config.targets,
+              "steps": config.steps, "batch_size": config.batch_size, "lr_unet": lr_unet, "lr_text": lr_text,
+              "lr_emb": lr_emb, "seed": config.seed, "base_fingerprint": fingerprint}
     found = {key: meta.training.get(key) for key in RECIPE_KEYS}
     if found != wanted:
         changed = ", ".join(f"{k} {found[k]} -> {wanted[k]}" for k in RECIPE_KEYS if found[k] != wanted[k])
@@ -234,7 +251,8 @@ def _grid_rows(config: DemoConfig, photos: dict[str, Path], result: DemoResult, 
         cells += [(g.image, f"fused, {config.new_background}") for g in fused.images[half:half + per_kind]]
         rows.append((f"{concept_token(name)} ({concepts.get_concept(name).description}): identity "
                      f"{single.identity:.2f} alone, {fused.identity:.2f} fused", cells))
-    rows.append(("fused model, two regional prompts (left | right): both recognised in their halves in",
+    rows.append((f"fused model, two regional prompts (left | right, {config.region_mode} mode): both recognised in "
+                 "their halves in",
                  [(r.images[0].image, f"{_word(r.left)} | {_word(r.right)}: {r.success:.0%} of seeds")
                   for r in result.regional]))
     return rows
@@ -270,7 +288,8 @@ def run_demo(config: DemoConfig, judge: Judge | None = None, log: Callable[[str]
              for name in paths}
     names = list(paths)
     pairs = [(names[i], names[(i + 1) % len(names)]) for i in range(len(names) if len(names) > 2 else 1)]
-    regional = [score_regional(pipe, judge, a, b, sampling, model=f"{config.base}+fused") for a, b in pairs]
+    regional = [score_regional(pipe, judge, a, b, sampling, mode=config.region_mode, model=f"{config.base}+fused")
+                for a, b in pairs]
     timings["generate_and_judge"] = time.perf_counter() - start - timings["train"]
 
     images = out / "images"

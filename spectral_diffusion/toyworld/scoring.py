@@ -3,16 +3,16 @@ benchmark report.
 
 - identity: the judge's mean probability of the concept, for the concept's own prompt on a training background;
 - prompt fidelity: the judge's mean probability of a background the concept's photos never had, when asked for;
-- regional success: two concepts in a left | right regional prompt, the fraction of seeds in which the judge
-  recognises (arg-max) each concept in its own half of the image.
+- regional success: two concepts in a left | right regional prompt (either region mode), the fraction of seeds in
+  which the judge recognises (arg-max) each concept in its own half of the image.
 
 Every score runs `n` seeds in one seeded batch (image i uses seed `seed + i`), so methods compare on equal noise.
 
 API:
     concept_token(name) -> "<name>";  concept_prompt(name, background) -> str
-    Sampling(steps, guidance, scheduler, seed, n).settings(prompt, size=None, regions=()) -> GenerationSettings
+    Sampling(steps, guidance, scheduler, seed, n).settings(prompt, size=None, regions=(), region_mode=...)
     score_concept(pipe, judge, name, sampling, new_background) -> ConceptScore
-    score_regional(pipe, judge, left, right, sampling, background) -> RegionalScore
+    score_regional(pipe, judge, left, right, sampling, background, mode) -> RegionalScore
     retention(fused, single) -> float
 """
 
@@ -54,10 +54,11 @@ class Sampling:
     seed: int = 1000
     n: int = 8
 
-    def settings(self, prompt: str, size: tuple[int, int] | None = None,
-                 regions: Sequence[Region] = ()) -> GenerationSettings:
+    def settings(self, prompt: str, size: tuple[int, int] | None = None, regions: Sequence[Region] = (),
+                 region_mode: str = "attention") -> GenerationSettings:
         return GenerationSettings(prompt=prompt, steps=self.steps, guidance=self.guidance, scheduler=self.scheduler,
-                                  seed=self.seed, n=self.n, size=size, regions=tuple(regions))
+                                  seed=self.seed, n=self.n, size=size, regions=tuple(regions),
+                                  region_mode=region_mode)
 
 
 @dataclass
@@ -81,13 +82,14 @@ class RegionalScore:
 
     left: str
     right: str
+    mode: str
     success: float
     left_identity: float
     right_identity: float
     images: list[GeneratedImage] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, float | str]:
-        return {"left": self.left, "right": self.right, "success": self.success,
+        return {"left": self.left, "right": self.right, "mode": self.mode, "success": self.success,
                 "left_identity": self.left_identity, "right_identity": self.right_identity}
 
 
@@ -112,21 +114,21 @@ def halves(image: Image.Image) -> tuple[Image.Image, Image.Image]:
 
 
 def score_regional(pipe: StableDiffusionPipeline, judge: Judge, left: str, right: str, sampling: Sampling,
-                   background: str = IDENTITY_BACKGROUND, model: str = "") -> RegionalScore:
+                   background: str = IDENTITY_BACKGROUND, mode: str = "latent", model: str = "") -> RegionalScore:
     """Generate `left | right` with one regional prompt per half on a twice-as-wide canvas (each half is the
-    model's native size, what the judge reads), then judge each half."""
+    model's native size, what the judge reads) in region mode `mode`, then judge each half."""
     width, height = native_size(pipe)
     regions = (Region(concept_prompt(left, background), box=(0.0, 0.0, 0.5, 1.0)),
                Region(concept_prompt(right, background), box=(0.5, 0.0, 1.0, 1.0)))
     prompt = (f"a photo of {concept_token(left)} {concepts.get_concept(left).class_word} and "
               f"{concept_token(right)} {concepts.get_concept(right).class_word} on a {background} background")
-    images = generate(pipe, sampling.settings(prompt, size=(2 * width, height), regions=regions), model=model,
-                      concepts={concept_token(left): 1.0, concept_token(right): 1.0})
+    settings = sampling.settings(prompt, size=(2 * width, height), regions=regions, region_mode=mode)
+    images = generate(pipe, settings, model=model, concepts={concept_token(left): 1.0, concept_token(right): 1.0})
     split = [halves(g.image) for g in images]
     probs = {side: judge.predict([pair[k] for pair in split])["concept"] for k, side in enumerate(("left", "right"))}
     index = {"left": LABELS["concept"].index(left), "right": LABELS["concept"].index(right)}
     hit = {side: p.argmax(dim=1) == index[side] for side, p in probs.items()}
-    return RegionalScore(left, right, (hit["left"] & hit["right"]).float().mean().item(),
+    return RegionalScore(left, right, mode, (hit["left"] & hit["right"]).float().mean().item(),
                          probs["left"][:, index["left"]].mean().item(), probs["right"][:, index["right"]].mean().item(),
                          images)
 
