@@ -3,13 +3,13 @@
 # concepts (each in the next free SVD band: --band auto), fuse them exactly (spectral), generate each concept alone
 # on a background its photos never had, and all three side by side with regional prompts.
 #
-#   pipelines/toy_three_concepts.sh [OUT]          (default OUT: toy-three-concepts; env STEPS=300, BASE=toy)
+#   pipelines/toy_three_concepts.sh [OUT]          (default OUT: toy-three-concepts; env STEPS=800, BASE=toy)
 #
 # Re-running skips concepts already trained in OUT. Runs from any directory; needs the repo's concepts/toyworld/.
 set -euo pipefail
 
 OUT=${1:-toy-three-concepts}
-STEPS=${STEPS:-300}
+STEPS=${STEPS:-800}
 BASE=${BASE:-toy}
 SD=${SD:-spectral-diffusion}
 PHOTOS="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/concepts/toyworld"
@@ -19,9 +19,11 @@ mkdir -p "$OUT"
 for entry in "${CONCEPTS[@]}"; do
   read -r name class <<<"$entry"
   if [[ ! -f "$OUT/$name.safetensors" ]]; then
-    # --concepts-dir: --band auto also avoids the bands of the concept files already in OUT
+    # --concepts-dir: --band auto also avoids the bands of the concept files already in OUT.
+    # The toy recipe (toyworld/demo.py): attention, feed-forward and 3x3 conv layers, its learning rates.
     "$SD" train "$PHOTOS/$name" --token "<$name>" --class-word "$class" --out "$OUT/$name.safetensors" \
-      --base "$BASE" --variant additive --band auto --rank 4 --steps "$STEPS" --batch-size 4 --no-flip \
+      --base "$BASE" --variant additive --band auto --rank 4 --targets attn+ff+conv --steps "$STEPS" \
+      --batch-size 4 --lr-unet 3e-3 --lr-text 1e-3 --lr-emb 5e-3 --no-flip \
       --checkpoint-every 0 --preview-images 0 --concepts-dir "$OUT"
   fi
 done
@@ -35,8 +37,10 @@ for entry in "${CONCEPTS[@]}"; do
     --n 4 --seed 1000 --guidance 5 --out "$OUT/images"
 done
 
-# Three regions on a 192x64 canvas: a third of the width per concept.
+# Three regions on a 192x64 canvas: a third of the width per concept, each denoised in its own native-size window
+# (latent mode: the toy base never drew two objects in one image).
 "$SD" generate --model "$OUT/fused" --size 192x64 --n 4 --seed 1000 --guidance 5 --out "$OUT/images" \
+  --region-mode latent \
   --prompt "a photo of <striped_fish> fish and <red_door_house> house and <bullseye> circle on a gray background" \
   --region "a photo of <striped_fish> fish on a gray background:0,0,0.333,1" \
   --region "a photo of <red_door_house> house on a gray background:0.333,0,0.667,1" \
