@@ -9,7 +9,8 @@ that concept's adapter and the tokens. Loaded concept files are cached (by path,
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,24 @@ class Composer:
             add_tokens(self.pipe, [entries[p].concept for p in (wanted if removed else added)])
         if not wanted:
             remove_adapters(self.pipe.unet, self.pipe.text_encoder)
+
+    @contextmanager
+    def scope(self, prompt: str) -> Iterator[None]:
+        """Inside the block only the live concepts whose token is in `prompt` apply; the others are at scale 0.
+
+        Latent-mode regional generation runs each region's pass in `scope(region prompt)`, so a concept draws only
+        where its token is asked for (`generation.generate(..., scope=composer.scope)`).
+        """
+        off = [live for live in self._live.values() if live.entry.concept.meta.token not in prompt]
+        for live in off:
+            for layer in live.layers:
+                layer.set_scale(live.entry.adapter, 0.0)
+        try:
+            yield
+        finally:
+            for live in off:
+                for layer in live.layers:
+                    layer.set_scale(live.entry.adapter, live.weight)
 
     def clear(self) -> None:
         """Back to the plain base model."""

@@ -37,7 +37,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from spectral_diffusion.atomic import atomic_write
 from spectral_diffusion.errors import SpectralDiffusionError
-from spectral_diffusion.regional import Region, check_region_mode, regional_prompting
+from spectral_diffusion.regional import ConceptScope, Region, check_region_mode, regional_prompting
 
 # CLI name -> (diffusers class, config overrides, A1111 sampler name).
 SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict, str]] = {
@@ -118,8 +118,11 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, *, model: str = "",
-             concepts: Mapping[str, float] | None = None) -> list[GeneratedImage]:
+             concepts: Mapping[str, float] | None = None, scope: ConceptScope | None = None) -> list[GeneratedImage]:
     """Sample `settings.n` images; `model` and `concepts` (label -> weight) only go into the PNG metadata.
+
+    `scope` (`Composer.scope` of the live concepts): in latent region mode each region applies only the concepts its
+    prompt names.
 
     The pipeline's scheduler and attention processors are restored afterwards.
     """
@@ -135,7 +138,7 @@ def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, *, mod
         with regional_prompting(pipe, settings.regions, height=height, width=width,
                                 negative_prompt=settings.negative,
                                 classifier_free_guidance=settings.guidance > 1,
-                                mode=settings.region_mode), torch.no_grad():
+                                mode=settings.region_mode, scope=scope), torch.no_grad():
             images = pipe(prompt=settings.prompt, negative_prompt=settings.negative, height=height, width=width,
                           num_inference_steps=settings.steps, guidance_scale=settings.guidance,
                           num_images_per_prompt=settings.n, generator=generators, output_type="pil").images

@@ -21,8 +21,8 @@ apply to every region; the original processors are restored when the `regional_p
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,8 @@ from spectral_diffusion.errors import SpectralDiffusionError
 
 Box = tuple[float, float, float, float]
 Window = tuple[slice, slice]
+# scope(prompt): a context manager inside which only the live concepts that `prompt` names apply (Composer.scope)
+ConceptScope = Callable[[str], AbstractContextManager]
 
 # How regions are drawn: blended cross-attention outputs, or per-region denoising of latent windows.
 REGION_MODES = ("attention", "latent")
@@ -265,10 +267,13 @@ class LatentWindowForward:
     per-window denoised latents, as MultiDiffusion does. Live adapters apply to every pass (same UNet modules).
     """
 
-    def __init__(self, state: RegionalState, forward, multiple: int) -> None:
+    def __init__(self, state: RegionalState, forward, multiple: int, prompts: Sequence[str] = (),
+                 scope: ConceptScope | None = None) -> None:
         self.state = state
         self.forward = forward
         self.multiple = multiple
+        self.prompts = prompts  # the regions' prompts, for `scope`
+        self.scope = scope
 
     def windows(self, size: tuple[int, int]) -> list[Window | None]:
         return [latent_window(mask, self.multiple) for mask in self.state.masks_at(size)]
@@ -291,7 +296,8 @@ class LatentWindowForward:
             if window is None:
                 continue
             context = self.state.embeddings(index, sample.shape[0]).to(encoder_hidden_states)
-            eps = self.forward(sample[(..., *window)], timestep, context, return_dict=False, **region_kwargs)[0]
+            with self.scope(self.prompts[index]) if self.scope else nullcontext():
+                eps = self.forward(sample[(..., *window)], timestep, context, return_dict=False, **region_kwargs)[0]
             if out is None:
                 out = eps.new_zeros(*eps.shape[:-2], *size)
             out[(..., *window)] += weights[(index, *window)].to(eps) * eps
@@ -314,11 +320,12 @@ def _attention_processors(unet: UNet2DConditionModel, state: RegionalState) -> I
 
 
 @contextmanager
-def _latent_windows(unet: UNet2DConditionModel, state: RegionalState) -> Iterator[None]:
+def _latent_windows(unet: UNet2DConditionModel, state: RegionalState, prompts: Sequence[str],
+                    scope: ConceptScope | None) -> Iterator[None]:
     """`unet.forward` replaced by a `LatentWindowForward` for the block (`nn.Module.__call__` looks `forward` up
     on the instance first); an instance `forward` that was there before (accelerate's hooks) comes back after."""
     own = vars(unet).get("forward")
-    unet.forward = LatentWindowForward(state, unet.forward, unet_multiple(unet))
+    unet.forward = LatentWindowForward(state, unet.forward, unet_multiple(unet), prompts, scope)
     try:
         yield
     finally:
@@ -331,8 +338,12 @@ def _latent_windows(unet: UNet2DConditionModel, state: RegionalState) -> Iterato
 @contextmanager
 def regional_prompting(pipe: StableDiffusionPipeline, regions: Sequence[Region], *, height: int, width: int,
                        negative_prompt: str = "", classifier_free_guidance: bool = True,
-                       mode: str = "attention") -> Iterator[RegionalState | None]:
+                       mode: str = "attention",
+                       scope: ConceptScope | None = None) -> Iterator[RegionalState | None]:
     """Install regional prompting on `pipe.unet` for the block; the UNet is as before after it.
+
+    `scope` (latent mode only; `Composer.scope`): each region's pass runs inside `scope(its prompt)`, which applies
+    only the live concepts that prompt names, so one subject's adapter never draws in another's window.
 
     `height`/`width` are the image size of the generation run inside the block, `classifier_free_guidance` whether
     that run uses CFG (diffusers: `guidance_scale > 1`), `mode` one of `REGION_MODES`. With no regions this changes
@@ -350,11 +361,16 @@ def regional_prompting(pipe: StableDiffusionPipeline, regions: Sequence[Region],
     with torch.no_grad():
         for region in regions:
             negative = negative_prompt if region.negative is None else region.negative
-            pos, neg = pipe.encode_prompt(region.prompt, device, 1, classifier_free_guidance, negative)
+            # the region's text encoding, like its UNet passes, sees only its own concepts' adapters
+            with scope(region.prompt) if scope is not None and mode == "latent" else nullcontext():
+                pos, neg = pipe.encode_prompt(region.prompt, device, 1, classifier_free_guidance, negative)
             cond.append(pos)
             uncond.append(neg)
     masks = torch.stack([region_mask(r, height, width) for r in regions]).to(device)
     state = RegionalState(masks, cond, uncond, (height // scale, width // scale), classifier_free_guidance)
-    install = _latent_windows if mode == "latent" else _attention_processors
-    with install(pipe.unet, state):
+    if mode == "latent":
+        installed = _latent_windows(pipe.unet, state, [region.prompt for region in regions], scope)
+    else:
+        installed = _attention_processors(pipe.unet, state)
+    with installed:
         yield state

@@ -1,4 +1,5 @@
-"""Live composition: equal to the fused model, cheap weight changes, exact add / remove of concepts and tokens."""
+"""Live composition: equal to the fused model, cheap weight changes, exact add / remove of concepts and tokens,
+concepts scoped to the regions that name them."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from spectral_diffusion.compose import Composer
 from spectral_diffusion.concept_file import load_concept, save_concept
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.fusion import fuse
+from spectral_diffusion.generation import make_scheduler
+from spectral_diffusion.regional import Region, regional_prompting
 from spectral_diffusion.testing.tiny_sd import random_concept
 
 PROMPT = "a photo of <dogA> and <catB> in the snow"
@@ -91,3 +94,48 @@ def test_refusals_leave_the_live_set_alone(tmp_path, tiny_pipe, paths) -> None:
         composer.set_concepts({tmp_path / "missing.safetensors": 1.0})
     assert composer.concepts == {paths[0].resolve(): 1.0}
     assert torch.equal(_latents(tiny_pipe), before)
+
+
+def test_scope_applies_only_the_concepts_a_prompt_names(tiny_pipe, paths) -> None:
+    composer = Composer(tiny_pipe)
+    composer.set_concepts({paths[0]: 1.0, paths[1]: 0.5})
+
+    def latents() -> torch.Tensor:  # a prompt without concept tokens: only the adapters differ
+        return tiny_pipe("a photo of a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                         output_type="latent").images
+
+    both = latents()
+    with composer.scope("a <catB> cat on the beach"):
+        scoped = latents()
+    assert torch.equal(latents(), both)  # the weights come back after the block
+    composer.set_concepts({paths[1]: 0.5})
+    assert torch.allclose(scoped, latents(), rtol=0, atol=1e-6)
+    assert (scoped - both).abs().max() > 1e-3
+
+
+def test_latent_regions_apply_each_live_concept_only_in_its_own_region(tiny_pipe, paths) -> None:
+    # Left | right at twice the native width with DDIM and shared noise: with `scope`, each half is the native image
+    # of its prompt with only its own concept live; without it, the other concept's adapter changes the half too.
+    tiny_pipe.scheduler = make_scheduler("ddim", tiny_pipe.scheduler.config)
+    composer = Composer(tiny_pipe)
+    composer.set_concepts({paths[0]: 1.0, paths[1]: 1.0})
+    noise = torch.randn(1, 4, 8, 16, generator=torch.Generator().manual_seed(3))
+    regions = [Region("a <dogA> dog", (0.0, 0.0, 0.5, 1.0)), Region("a <catB> cat", (0.5, 0.0, 1.0, 1.0))]
+
+    def run(prompt, latents, regions=(), scope=None) -> torch.Tensor:
+        width = latents.shape[-1] * tiny_pipe.vae_scale_factor
+        with regional_prompting(tiny_pipe, regions, height=16, width=width, mode="latent", scope=scope):
+            return tiny_pipe(prompt, height=16, width=width, num_inference_steps=2, latents=latents,
+                             output_type="latent").images
+
+    wide = run("a dog and a cat", noise.clone(), regions, composer.scope)
+    unscoped = run("a dog and a cat", noise.clone(), regions)
+    with composer.scope("a <dogA> dog"):
+        left = run("a <dogA> dog", noise[..., :8].clone())
+    with composer.scope("a <catB> cat"):
+        right = run("a <catB> cat", noise[..., 8:].clone())
+    assert torch.allclose(wide[..., :8], left, rtol=0, atol=1e-5)
+    assert torch.allclose(wide[..., 8:], right, rtol=0, atol=1e-5)
+    assert (unscoped[..., :8] - left).abs().max() > 1e-3
+    assert all(layer.scales[name] == 1.0 for layer in adapter_layers(tiny_pipe.unet, tiny_pipe.text_encoder).values()
+               for name in layer.scales)

@@ -55,8 +55,10 @@ def test_demo_writes_grid_images_scores_and_reuses_concepts(tiny_model_dir, tmp_
     assert any("fused 2 concepts" in line for line in logs)
     side = 16  # the tiny model's native size
     images = sorted((out / "images").glob("*.png"))
-    # per concept: own prompt + new background, with its own model and fused; one left | right pair
-    assert len(images) == 2 * 2 * 2 + 1
+    # per concept: own prompt + new background, with its own model and fused; one left | right pair, fused and live
+    assert len(images) == 2 * 2 * 2 + 2
+    with Image.open(out / "images" / "regions-live-striped_fish+bullseye-1000.png") as img:
+        assert "Model: " in img.text["parameters"] and "+live" in img.text["parameters"]
     with Image.open(out / "images" / "regions-striped_fish+bullseye-1000.png") as img:
         assert img.size == (2 * side, side)
         assert concept_token("striped_fish") in img.text["parameters"]
@@ -71,6 +73,7 @@ def test_demo_writes_grid_images_scores_and_reuses_concepts(tiny_model_dir, tmp_
         assert 0 <= entry["fused"]["identity"] <= 1
         assert entry["retention"] == pytest.approx(entry["fused"]["identity"] / entry["single"]["identity"])
     assert scores["regional"][0]["left"] == "striped_fish"
+    assert [r["scoped"] for r in scores["regional"]] == [False, True]
 
     stamps = {name: path.stat().st_mtime_ns for name, path in files.items()}
     monkeypatch.setattr(judge_module.Judge, "load", classmethod(lambda cls, path=None: random_judge))

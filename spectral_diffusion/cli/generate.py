@@ -19,7 +19,8 @@ Regions: --region "<dogA> dog, sitting:0,0,0.5,1" gives the part of the image in
 more regions. --region-negative gives the regions, in order, their own negative prompts; --feather softens box edges.
 --region-mode attention (default) gives each region its own prompt in cross-attention over the whole image;
 --region-mode latent denoises each region on its own latent window (a region of the model's native size is drawn
-as a whole native image) and blends the predictions by the region masks, for models that draw one subject per image.
+as a whole native image) and blends the predictions by the region masks, for models that draw one subject per image;
+with --concepts (live, not fused) each region's pass then applies only the concepts whose token its prompt holds.
 
 Each PNG records its settings in A1111's "parameters" text chunk; image i of a run uses seed S+i, so any image
 can be remade alone. Files are numbered after those already in --out and never overwritten.
@@ -84,16 +85,19 @@ def run(args: argparse.Namespace) -> int:
         args.base = args.model
     pipe = load_base_from_args(args)
     concepts: dict[str, float] = {}
+    scope = None
     if args.model:
         fusion = read_fusion_json(args.model) or {}
         concepts = {Path(c["path"]).name if c.get("path") else c["token"]: c["weight"]
                     for c in fusion.get("concepts", [])}
     elif args.concepts:
         weights = args.weights or [1.0] * len(args.concepts)
-        Composer(pipe).set_concepts(dict(zip(args.concepts, weights, strict=True)))
+        composer = Composer(pipe)
+        composer.set_concepts(dict(zip(args.concepts, weights, strict=True)))
         concepts = {Path(c).name: w for c, w in zip(args.concepts, weights, strict=True)}
+        scope = composer.scope
     model = Path(args.model).name if args.model else args.base
-    images = generate(pipe, settings, model=model, concepts=concepts)
+    images = generate(pipe, settings, model=model, concepts=concepts, scope=scope)
     for path in save_images(images, args.out):
         print(f"wrote {path}")
     return 0

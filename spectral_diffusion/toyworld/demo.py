@@ -2,13 +2,15 @@
 
 It runs the product's whole path offline in minutes on a CPU (the trainer, `fusion.fuse`, `generation.generate`
 with regional prompts) and puts numbers on the claim that matters: each concept's identity with its own model
-versus inside the fused model, and whether a fused concept still follows a prompt its photos never showed.
+versus inside the fused model, whether a fused concept still follows a prompt its photos never showed, and two
+concepts side by side: in the fused model, and (latent region mode) live, each applied only in its own region.
 
 Output folder (re-running reuses the concept files already trained with the same recipe; `overwrite` retrains):
 
     photos/<name>/            the concept photos trained on (rendered by `concepts.write_concept_folder`)
     concepts/<name>.safetensors (+ .json sidecar)
-    images/<kind>-<name>-<seed>.png    every scored image, A1111 `parameters` metadata included
+    images/<kind>-<name>-<seed>.png    every scored image, A1111 `parameters` metadata included (kinds: single,
+                              fused, regions (fused model), regions-live (live concepts scoped to their regions))
     grid.png                  labelled overview: photo, own model, fused, fused on a new background, regions
     scores.json               the printed scores
 
@@ -61,7 +63,7 @@ DEMO_CONCEPTS = ("striped_fish", "red_door_house", "bullseye")
 # rates per kind; every kind trains the token rows at TOY_LR_EMB.
 TOY_TARGETS = "attn+ff+conv"
 TOY_STEPS = 800
-TOY_LRS = {"additive": (3e-3, 1e-3), "rotational": (3e-3, 1e-3), "lora": (1e-3, 1e-4), "ortho": (1e-3, 1e-4)}
+TOY_LRS = {"additive": (3e-3, 1e-3), "rotational": (3e-3, 1e-3), "lora": (3e-3, 3e-4), "ortho": (1e-2, 1e-3)}
 TOY_LR_EMB = 5e-3
 # Training settings the demo checks before reusing a concept file from an earlier run.
 RECIPE_KEYS = ("variant", "band", "rank", "targets", "steps", "batch_size", "lr_unet", "lr_text", "lr_emb", "seed",
@@ -135,7 +137,7 @@ class DemoResult:
                          f"{retention(fused.identity, single.identity):>9.2f} {single.fidelity:>15.2f} "
                          f"{fused.fidelity:>14.2f}")
         for r in self.regional:
-            lines.append(f"regions {r.left} | {r.right} ({r.mode} mode): both recognised in {r.success:.0%} of seeds "
+            lines.append(f"regions {r.left} | {r.right} ({_model(r)}): both recognised in {r.success:.0%} of seeds "
                          f"(identity {r.left_identity:.2f} | {r.right_identity:.2f})")
         return "\n".join(lines)
 
@@ -251,15 +253,23 @@ def _grid_rows(config: DemoConfig, photos: dict[str, Path], result: DemoResult, 
         cells += [(g.image, f"fused, {config.new_background}") for g in fused.images[half:half + per_kind]]
         rows.append((f"{concept_token(name)} ({concepts.get_concept(name).description}): identity "
                      f"{single.identity:.2f} alone, {fused.identity:.2f} fused", cells))
-    rows.append((f"fused model, two regional prompts (left | right, {config.region_mode} mode): both recognised in "
-                 "their halves in",
-                 [(r.images[0].image, f"{_word(r.left)} | {_word(r.right)}: {r.success:.0%} of seeds")
-                  for r in result.regional]))
+    for scoped in (False, True):
+        scores = [r for r in result.regional if r.scoped == scoped]
+        if scores:
+            rows.append((f"two regional prompts (left | right), {_model(scores[0])}: both recognised in their halves "
+                         "in", [(r.images[0].image, f"{_word(r.left)} | {_word(r.right)}: {r.success:.0%} of seeds")
+                                for r in scores]))
     return rows
 
 
 def _word(name: str) -> str:
     return concepts.get_concept(name).class_word
+
+
+def _model(score: RegionalScore) -> str:
+    if score.scoped:
+        return f"live concepts, each only in its own region, {score.mode} mode"
+    return f"fused model, {score.mode} mode"
 
 
 def run_demo(config: DemoConfig, judge: Judge | None = None, log: Callable[[str], None] = print) -> DemoResult:
@@ -276,26 +286,32 @@ def run_demo(config: DemoConfig, judge: Judge | None = None, log: Callable[[str]
     timings["train"] = time.perf_counter() - start
 
     sampling = Sampling(steps=config.sample_steps, guidance=config.guidance, n=config.seeds)
+    names = list(paths)
+    pairs = [(names[i], names[(i + 1) % len(names)]) for i in range(len(names) if len(names) > 2 else 1)]
     composer = Composer(pipe)
     single = {}
     for name, path in paths.items():
         composer.set_concepts({path: 1.0})
         single[name] = score_concept(pipe, judge, name, sampling, config.new_background, model=config.base)
+    regional = []
+    if config.region_mode == "latent":  # all concepts live, each applied only in the region that names it
+        composer.set_concepts(dict.fromkeys(paths.values(), 1.0))
+        regional = [score_regional(pipe, judge, a, b, sampling, mode="latent", model=f"{config.base}+live",
+                                   scope=composer.scope) for a, b in pairs]
     composer.clear()
     report = fuse(list(paths.values()), pipe, method="spectral")
     log(report.summary())
     fused = {name: score_concept(pipe, judge, name, sampling, config.new_background, model=f"{config.base}+fused")
              for name in paths}
-    names = list(paths)
-    pairs = [(names[i], names[(i + 1) % len(names)]) for i in range(len(names) if len(names) > 2 else 1)]
     regional = [score_regional(pipe, judge, a, b, sampling, mode=config.region_mode, model=f"{config.base}+fused")
-                for a, b in pairs]
+                for a, b in pairs] + regional
     timings["generate_and_judge"] = time.perf_counter() - start - timings["train"]
 
     images = out / "images"
     save_scored_images(images, "single", list(single.values()))
     save_scored_images(images, "fused", list(fused.values()))
-    save_scored_images(images, "regions", regional)
+    save_scored_images(images, "regions", [r for r in regional if not r.scoped])
+    save_scored_images(images, "regions-live", [r for r in regional if r.scoped])
     result = DemoResult(single, fused, regional, out / "grid.png", timings)
     grid = labelled_grid(_grid_rows(config, photos, result, per_kind=min(2, config.seeds)))
     atomic_write(result.grid, lambda tmp: grid.save(tmp, format="PNG"))

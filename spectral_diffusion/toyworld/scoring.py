@@ -26,7 +26,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from spectral_diffusion.generation import GeneratedImage, GenerationSettings, generate, native_size
-from spectral_diffusion.regional import Region
+from spectral_diffusion.regional import ConceptScope, Region
 from spectral_diffusion.toyworld import concepts
 from spectral_diffusion.toyworld.judge import LABELS, Judge
 
@@ -87,10 +87,11 @@ class RegionalScore:
     left_identity: float
     right_identity: float
     images: list[GeneratedImage] = field(default_factory=list, repr=False)
+    scoped: bool = False  # live concepts, each applied only in its own region
 
-    def to_dict(self) -> dict[str, float | str]:
-        return {"left": self.left, "right": self.right, "mode": self.mode, "success": self.success,
-                "left_identity": self.left_identity, "right_identity": self.right_identity}
+    def to_dict(self) -> dict[str, float | str | bool]:
+        return {"left": self.left, "right": self.right, "mode": self.mode, "scoped": self.scoped,
+                "success": self.success, "left_identity": self.left_identity, "right_identity": self.right_identity}
 
 
 def score_concept(pipe: StableDiffusionPipeline, judge: Judge, name: str, sampling: Sampling,
@@ -114,23 +115,26 @@ def halves(image: Image.Image) -> tuple[Image.Image, Image.Image]:
 
 
 def score_regional(pipe: StableDiffusionPipeline, judge: Judge, left: str, right: str, sampling: Sampling,
-                   background: str = IDENTITY_BACKGROUND, mode: str = "latent", model: str = "") -> RegionalScore:
+                   background: str = IDENTITY_BACKGROUND, mode: str = "latent", model: str = "",
+                   scope: ConceptScope | None = None) -> RegionalScore:
     """Generate `left | right` with one regional prompt per half on a twice-as-wide canvas (each half is the
-    model's native size, what the judge reads) in region mode `mode`, then judge each half."""
+    model's native size, what the judge reads) in region mode `mode`, then judge each half. `scope`: live concepts
+    applied per region (`Composer.scope`; latent mode)."""
     width, height = native_size(pipe)
     regions = (Region(concept_prompt(left, background), box=(0.0, 0.0, 0.5, 1.0)),
                Region(concept_prompt(right, background), box=(0.5, 0.0, 1.0, 1.0)))
     prompt = (f"a photo of {concept_token(left)} {concepts.get_concept(left).class_word} and "
               f"{concept_token(right)} {concepts.get_concept(right).class_word} on a {background} background")
     settings = sampling.settings(prompt, size=(2 * width, height), regions=regions, region_mode=mode)
-    images = generate(pipe, settings, model=model, concepts={concept_token(left): 1.0, concept_token(right): 1.0})
+    images = generate(pipe, settings, model=model, concepts={concept_token(left): 1.0, concept_token(right): 1.0},
+                      scope=scope)
     split = [halves(g.image) for g in images]
     probs = {side: judge.predict([pair[k] for pair in split])["concept"] for k, side in enumerate(("left", "right"))}
     index = {"left": LABELS["concept"].index(left), "right": LABELS["concept"].index(right)}
     hit = {side: p.argmax(dim=1) == index[side] for side, p in probs.items()}
     return RegionalScore(left, right, mode, (hit["left"] & hit["right"]).float().mean().item(),
                          probs["left"][:, index["left"]].mean().item(), probs["right"][:, index["right"]].mean().item(),
-                         images)
+                         images, scoped=scope is not None)
 
 
 def retention(fused: float, single: float) -> float:

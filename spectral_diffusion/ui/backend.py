@@ -153,7 +153,8 @@ class Backend:
         paths = {self.concept(name).path: float(weight) for name, weight in concepts.items()}
         with self._pipe_lock, report_steps(self.pipe, on_step):
             self.composer.set_concepts(paths)
-            images = generate(self.pipe, settings, model=self.base.spec, concepts=dict(concepts))
+            images = generate(self.pipe, settings, model=self.base.spec, concepts=dict(concepts),
+                              scope=self.composer.scope)
         return list(zip(save_images(images, self.output_dir / "images"), images, strict=True))
 
     # ---- training ------------------------------------------------------------------------------------------
