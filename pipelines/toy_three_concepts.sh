@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `spectral-diffusion demo`, done with the separate CLI commands a user would type: train three bundled toy-world
 # concepts (each in the next free SVD band: --band auto), fuse them exactly (spectral), generate each concept alone
-# on a background its photos never had, and all three side by side with regional prompts.
+# on a background its photos never had, and all three side by side with regional prompts (live concepts).
 #
 #   pipelines/toy_three_concepts.sh [OUT]          (default OUT: toy-three-concepts; env STEPS=800, BASE=toy)
 #
@@ -38,9 +38,11 @@ for entry in "${CONCEPTS[@]}"; do
 done
 
 # Three regions on a 192x64 canvas: a third of the width per concept, each denoised in its own native-size window
-# (latent mode: the toy base never drew two objects in one image).
-"$SD" generate --model "$OUT/fused" --size 192x64 --n 4 --seed 1000 --guidance 5 --out "$OUT/images" \
-  --region-mode latent \
+# (latent mode: the toy base never drew two objects in one image), with the concepts live rather than fused, each
+# applied only in the region that names its token (in the fused model the band-0 concept bleeds into every prompt,
+# docs/toyworld.md).
+"$SD" generate --base "$BASE" --concepts "$OUT/striped_fish.safetensors" "$OUT/red_door_house.safetensors" \
+  "$OUT/bullseye.safetensors" --size 192x64 --n 4 --seed 1000 --guidance 5 --out "$OUT/images" --region-mode latent \
   --prompt "a photo of <striped_fish> fish and <red_door_house> house and <bullseye> circle on a gray background" \
   --region "a photo of <striped_fish> fish on a gray background:0,0,0.333,1" \
   --region "a photo of <red_door_house> house on a gray background:0.333,0,0.667,1" \
