@@ -12,7 +12,8 @@ model, each in its own SVD band (0, 1, 2) with a rank-4 additive Spectral Adapte
 had, and two concepts side by side with regional prompts (latent-window mode by default): with the fused model, and
 with the concepts live, each applied only in its own region. The judge (a classifier trained on renders) prints
 each concept's identity with its own model and in the fused model, the prompt fidelity, and the regional success.
-Writes OUT/grid.png, OUT/images/*.png (with generation metadata), OUT/concepts/*.safetensors and OUT/scores.json. A second run reuses the trained concepts; --overwrite retrains.
+Writes OUT/grid.png, OUT/images/*.png (with generation metadata), OUT/concepts/*.safetensors and OUT/scores.json.
+A second run reuses the trained concepts; --overwrite retrains.
 The same steps as separate commands: pipelines/toy_three_concepts.sh.
 """
 
