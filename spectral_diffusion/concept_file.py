@@ -179,20 +179,24 @@ def _check(concept: Concept, where: str) -> None:
         raise SpectralDiffusionError(f"{where}: token must be a string and token_names a list of strings")
     if not concept.layers:
         raise SpectralDiffusionError(f"{where}: the concept adapts no layer")
+    in_features = {}
     for layer, state in concept.layers.items():
         try:
             sizes = cls.validate(state)
         except SpectralDiffusionError as exc:
             raise SpectralDiffusionError(f"{where}: layer {layer}: {exc}") from None
+        in_features[layer] = sizes["in"]
         if sizes["r"] != meta.rank:
             raise SpectralDiffusionError(
                 f"{where}: layer {layer} has rank {sizes['r']}, metadata says {meta.rank}"
             )
         _check_values(state.values(), f"{where}: layer {layer}")
+    if not isinstance(meta.kernels, dict):
+        raise SpectralDiffusionError(f"{where}: kernels must map layer names to [kh, kw], got {meta.kernels!r}")
     for layer, kernel in meta.kernels.items():
-        if (layer not in concept.layers or not isinstance(kernel, list) or len(kernel) != 2
+        if (layer not in in_features or not isinstance(kernel, list) or len(kernel) != 2
                 or not all(isinstance(k, int) and k > 0 for k in kernel)
-                or cls.validate(concept.layers[layer])["in"] % (kernel[0] * kernel[1])):
+                or in_features[layer] % (kernel[0] * kernel[1])):
             raise SpectralDiffusionError(f"{where}: invalid conv kernel {kernel!r} for layer {layer}")
     emb = concept.token_embeddings
     if emb.ndim != 2 or emb.shape[0] != len(meta.token_names) or emb.shape[0] < 1:

@@ -147,6 +147,7 @@ def _edit_token_rows(path):
         (_edit_token_rows, r"token_embeddings has shape \(2, 32\)"),
         (lambda p: _rewrite(p, header={"kernels": {_first_layer(p): [5, 5]}}), "invalid conv kernel \\[5, 5\\]"),
         (lambda p: _rewrite(p, header={"kernels": {"unet.nowhere": [1, 1]}}), "invalid conv kernel .* unet.nowhere"),
+        (lambda p: _rewrite(p, header={"kernels": [3, 3]}), "kernels must map layer names"),
     ],
 )
 def test_broken_files_give_one_clear_error_naming_the_file(tmp_path, concept, edit, message):

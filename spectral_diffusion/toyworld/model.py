@@ -7,7 +7,8 @@ code path of the toolkit runs on it unchanged. Sizes follow the measurements in 
 - UNet: channels (32, 64, 128), one layer per block, cross-attention at 8x8 and 4x4 (+ mid block);
 - text encoder: CLIP, 128 wide, 3 layers, 4 heads; tokenizer: one token per vocabulary word (`vocabulary()`).
 
-Every layer the `attn` / `attn+ff` presets adapt has min(out, in) >= 64, so 8+ bands of rank 4 fit everywhere.
+Every layer the `attn` / `attn+ff` presets adapt has min(out, in) >= 64; `attn+ff+conv` adds convs whose smallest
+side is 32, so 8 bands of rank 4 fit everywhere.
 
 API:
     MODEL_DIR                               # the trained model folder shipped in the package
