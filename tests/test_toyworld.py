@@ -128,6 +128,23 @@ def test_pretrain_plumbing_exports_a_loadable_fp16_pipeline(tmp_path):
     assert "vae: resumed" in (tmp_path / "run" / "log.txt").read_text()
 
 
+def test_pretrain_takes_real_steps_in_both_stages(tmp_path):
+    """Budgets of a second: both stages' steps run (clutter, noise draws per caption, checkpoints)."""
+    cfg = PretrainConfig(out=tmp_path / "run", model_dir=tmp_path / "model", vae_minutes=0.01, unet_minutes=0.01,
+                         num_scenes=48, vae_batch=4, unet_batch=4, noise_draws=2)
+    pretrain(cfg)
+    for stage in ("vae", "unet"):
+        assert torch.load(tmp_path / "run" / f"{stage}.ckpt", weights_only=False)["state"]["step"] > 0, stage
+    assert (tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_pretrain_refuses_a_batch_that_noise_draws_do_not_divide(tmp_path):
+    cfg = PretrainConfig(out=tmp_path / "run", unet_batch=5, noise_draws=2)
+    with pytest.raises(SpectralDiffusionError, match="--unet-batch 5 is not a multiple of --noise-draws 2"):
+        pretrain(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.skipif(not MODEL_TRAINED, reason="the bundled toy model is not trained yet "
                     "(spectral-diffusion toyworld pretrain)")
 def test_bundled_model_loads_in_fp32_and_generates():

@@ -25,15 +25,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, latents, log.txt, samples")
     t.add_argument("--model-dir", type=Path, default=None,
                    help="where the finished diffusers folder goes (default: the package's bundled model)")
-    t.add_argument("--vae-minutes", type=float, help="VAE training budget (default: 30)")
+    t.add_argument("--vae-minutes", type=float, help="VAE training budget (default: 10)")
     t.add_argument("--unet-minutes", type=float,
-                   help="UNet + text encoder training budget (default: 56)")
+                   help="UNet + text encoder training budget (default: 45)")
     t.add_argument("--scenes", dest="num_scenes", type=int, help="rendered training scenes (default: 50000)")
     t.add_argument("--threads", type=int, help="torch CPU threads (default: 2)")
     t.add_argument("--device", help="cpu or cuda (default: cpu); see docs/toyworld.md for the GPU recipe")
     t.add_argument("--vae-batch", type=int, help="VAE batch size, half clutter (default: 32)")
-    t.add_argument("--unet-batch", type=int, help="UNet batch size (default: 32)")
-    t.add_argument("--unet-lr", type=float, help="UNet + text encoder peak learning rate (default: 8e-4)")
+    t.add_argument("--unet-batch", type=int, help="UNet samples per step, noise draws included (default: 64)")
+    t.add_argument("--noise-draws", type=int,
+                   help="noise draws per encoded caption; --unet-batch must be a multiple (default: 2)")
+    t.add_argument("--unet-lr", type=float, help="UNet + text encoder peak learning rate (default: 1e-3)")
     t.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     t.set_defaults(func=_pretrain)
@@ -68,7 +70,7 @@ def _pretrain(args: argparse.Namespace) -> None:
     from spectral_diffusion.toyworld.pretrain import PretrainConfig, pretrain
 
     given = {key: getattr(args, key) for key in ("model_dir", "vae_minutes", "unet_minutes", "num_scenes", "threads",
-                                             "device", "vae_batch", "unet_batch", "unet_lr")}
+                                             "device", "vae_batch", "unet_batch", "noise_draws", "unet_lr")}
     cfg = PretrainConfig(out=args.out, seed=args.seed, resume=args.resume,
                          **{key: value for key, value in given.items() if value is not None})
     print(pretrain(cfg))
