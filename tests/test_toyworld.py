@@ -138,10 +138,13 @@ def test_pretrain_takes_real_steps_in_both_stages(tmp_path):
     assert (tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
-def test_pretrain_refuses_a_batch_that_noise_draws_do_not_divide(tmp_path):
-    cfg = PretrainConfig(out=tmp_path / "run", unet_batch=5, noise_draws=2)
-    with pytest.raises(SpectralDiffusionError, match="--unet-batch 5 is not a multiple of --noise-draws 2"):
-        pretrain(cfg)
+@pytest.mark.parametrize(("batch", "draws", "message"), [
+    (5, 2, "--unet-batch 5 is not a multiple of --noise-draws 2"),
+    (64, 0, "--noise-draws must be at least 1, not 0"),
+])
+def test_pretrain_refuses_bad_noise_draws_before_writing(tmp_path, batch, draws, message):
+    with pytest.raises(SpectralDiffusionError, match=message):
+        pretrain(PretrainConfig(out=tmp_path / "run", unet_batch=batch, noise_draws=draws))
     assert not (tmp_path / "run").exists()
 
 

@@ -338,7 +338,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
     cfg.out = Path(cfg.out)
     if cfg.out.exists() and any(cfg.out.glob("*.ckpt")) and not cfg.resume:
         raise SpectralDiffusionError(f"{cfg.out} already holds checkpoints: pass --resume or choose another --out")
-    if cfg.noise_draws < 1 or cfg.unet_batch % cfg.noise_draws:
+    if cfg.noise_draws < 1:
+        raise SpectralDiffusionError(f"--noise-draws must be at least 1, not {cfg.noise_draws}")
+    if cfg.unet_batch % cfg.noise_draws:
         raise SpectralDiffusionError(f"--unet-batch {cfg.unet_batch} is not a multiple of --noise-draws "
                                      f"{cfg.noise_draws}")
     cfg.out.mkdir(parents=True, exist_ok=True)
