@@ -202,6 +202,14 @@ def test_cli_render_concepts_writes_folders(tmp_path, capsys):
     assert str(tmp_path / "bullseye") in capsys.readouterr().out
 
 
+def test_cli_pretrain_takes_its_defaults_from_the_config(tmp_path, capsys):
+    # the default --unet-batch (PretrainConfig's 64) reaches the check: one line, exit 2, nothing written
+    assert main(["toyworld", "pretrain", "--out", str(tmp_path / "run"), "--noise-draws", "3"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --unet-batch {PretrainConfig.unet_batch} is not a multiple of --noise-draws 3")
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_train_judge_writes_weights_and_report(tmp_path, capsys):
     out = tmp_path / "judge.safetensors"
     assert main(["toyworld", "train-judge", "--out", str(out), "--steps", "2", "--vae-from", "none"]) == 0

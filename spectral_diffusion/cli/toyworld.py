@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import fields
 from pathlib import Path
 
 from spectral_diffusion.models import add_base_arguments
+from spectral_diffusion.toyworld.pretrain import PretrainConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,17 +27,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, latents, log.txt, samples")
     t.add_argument("--model-dir", type=Path, default=None,
                    help="where the finished diffusers folder goes (default: the package's bundled model)")
-    t.add_argument("--vae-minutes", type=float, help="VAE training budget (default: 10)")
-    t.add_argument("--unet-minutes", type=float,
-                   help="UNet + text encoder training budget (default: 45)")
-    t.add_argument("--scenes", dest="num_scenes", type=int, help="rendered training scenes (default: 50000)")
-    t.add_argument("--threads", type=int, help="torch CPU threads (default: 2)")
-    t.add_argument("--device", help="cpu or cuda (default: cpu); see docs/toyworld.md for the GPU recipe")
-    t.add_argument("--vae-batch", type=int, help="VAE batch size, half clutter (default: 32)")
-    t.add_argument("--unet-batch", type=int, help="UNet samples per step, noise draws included (default: 64)")
-    t.add_argument("--noise-draws", type=int,
-                   help="noise draws per encoded caption; --unet-batch must be a multiple (default: 2)")
-    t.add_argument("--unet-lr", type=float, help="UNet + text encoder peak learning rate (default: 1e-3)")
+    d = {f.name: f.default for f in fields(PretrainConfig)}  # one source for the defaults and their help
+    t.add_argument("--vae-minutes", type=float, default=d["vae_minutes"], help="VAE training budget (default: %(default)s)")
+    t.add_argument("--unet-minutes", type=float, default=d["unet_minutes"],
+                   help="UNet + text encoder training budget (default: %(default)s)")
+    t.add_argument("--scenes", dest="num_scenes", type=int, default=d["num_scenes"],
+                   help="rendered training scenes (default: %(default)s)")
+    t.add_argument("--threads", type=int, default=d["threads"], help="torch CPU threads (default: %(default)s)")
+    t.add_argument("--device", default=d["device"],
+                   help="cpu or cuda (default: %(default)s); see docs/toyworld.md for the GPU recipe")
+    t.add_argument("--vae-batch", type=int, default=d["vae_batch"],
+                   help="VAE batch size, half clutter (default: %(default)s)")
+    t.add_argument("--unet-batch", type=int, default=d["unet_batch"],
+                   help="UNet samples per step, noise draws included (default: %(default)s)")
+    t.add_argument("--noise-draws", type=int, default=d["noise_draws"],
+                   help="noise draws per encoded caption; --unet-batch must be a multiple (default: %(default)s)")
+    t.add_argument("--unet-lr", type=float, default=d["unet_lr"],
+                   help="UNet + text encoder peak learning rate (default: %(default)s)")
     t.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     t.set_defaults(func=_pretrain)
@@ -67,12 +75,13 @@ def _render_concepts(args: argparse.Namespace) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    from spectral_diffusion.toyworld.pretrain import PretrainConfig, pretrain
+    from spectral_diffusion.toyworld.pretrain import pretrain
 
-    given = {key: getattr(args, key) for key in ("model_dir", "vae_minutes", "unet_minutes", "num_scenes", "threads",
-                                             "device", "vae_batch", "unet_batch", "noise_draws", "unet_lr")}
-    cfg = PretrainConfig(out=args.out, seed=args.seed, resume=args.resume,
-                         **{key: value for key, value in given.items() if value is not None})
+    settings = {key: getattr(args, key) for key in ("vae_minutes", "unet_minutes", "num_scenes", "threads", "device",
+                                                     "vae_batch", "unet_batch", "noise_draws", "unet_lr")}
+    if args.model_dir is not None:
+        settings["model_dir"] = args.model_dir
+    cfg = PretrainConfig(out=args.out, seed=args.seed, resume=args.resume, **settings)
     print(pretrain(cfg))
 
 
