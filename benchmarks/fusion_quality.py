@@ -5,7 +5,8 @@
 For N = 1, 2, 4, 8 concepts and four adapter kinds at a matched trainable-parameter budget (spectral additive,
 spectral rotational, LoRA, orthogonal adaptation), each concept is trained alone (concept i in SVD band i for the
 spectral kinds), then the first N are fused with every method that accepts the kind (spectral for spectral kinds;
-mean, sum, ties, dare, gradient for all). The bundled judge reads the generated images:
+closed-form, mean, sum, ties, dare, gradient for all), and a control: each concept fused with the other N - 1 reduced
+to their token rows (zero weight changes), which must score as alone. The bundled judge reads the generated images:
 
 - single identity: each concept with its own model (live composition), prompt on a training background;
 - fused identity and retention (mean fused identity / mean single identity over the N concepts);
@@ -47,12 +48,14 @@ from spectral_diffusion.adapters.inject import trainable_parameters
 from spectral_diffusion.adapters.layers import unwrap
 from spectral_diffusion.bands import weight_matrix
 from spectral_diffusion.compose import Composer
+from spectral_diffusion.concept_file import Concept, load_concept
 from spectral_diffusion.fingerprint import base_fingerprint
 from spectral_diffusion.fusion import fuse
 from spectral_diffusion.models import load_base
 from spectral_diffusion.regional import REGION_MODES
-from spectral_diffusion.toyworld.demo import TOY_STEPS, TOY_TARGETS, concept_train_config, write_photos
+from spectral_diffusion.toyworld.demo import write_photos
 from spectral_diffusion.toyworld.judge import JUDGE_PATH, Judge
+from spectral_diffusion.toyworld.recipe import RECIPE
 from spectral_diffusion.toyworld.scoring import Sampling, retention, score_concept, score_regional
 from spectral_diffusion.training.config import TrainConfig
 from spectral_diffusion.training.trainer import train
@@ -65,6 +68,9 @@ CONCEPTS = ("striped_fish", "red_door_house", "bullseye", "swiss_cross", "spotte
             "hex_nut", "candy_heart")
 KINDS = ("additive", "rotational", "lora", "ortho")
 BASELINES = ("mean", "sum", "ties", "dare", "gradient")
+# Each concept fused with the others reduced to their token rows (zero weight changes) by the exact sum: must score
+# exactly as alone, or the pipeline (tokens, fusion, scoring) is at fault rather than interference.
+CONTROL = "control"
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,7 @@ class Plan:
     """What one run trains and samples."""
 
     counts: tuple[int, ...] = (1, 2, 4, 8)
-    steps: int = TOY_STEPS
+    steps: int = RECIPE.steps
     seeds: int = 8
     sample_steps: int = 12
     batch_size: int = 4
@@ -89,17 +95,17 @@ QUICK = Plan(counts=(1, 2), steps=20, seeds=2, sample_steps=8)
 
 
 def methods_for(kind: str) -> tuple[str, ...]:
-    return (("spectral",) if kind in SPECTRAL_VARIANTS else ()) + BASELINES
+    return (("spectral",) if kind in SPECTRAL_VARIANTS else ()) + ("closed-form",) + BASELINES + (CONTROL,)
 
 
 # ---- matched trainable-parameter budget -----------------------------------------------------------------------
 
 
 def trainable_count(pipe: StableDiffusionPipeline, kind: str, rank: int) -> int:
-    """Trainable adapter parameters of one concept of `kind` at `rank` on `pipe`'s toy-recipe layers (token
+    """Trainable adapter parameters of one concept of `kind` at `rank` on `pipe`'s recipe layers (token
     embeddings excluded: every kind trains the same rows)."""
     unet, text_encoder = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
-    wrappers = inject_adapters(unet, text_encoder, AdapterConfig(variant=kind, rank=rank, targets=TOY_TARGETS))
+    wrappers = inject_adapters(unet, text_encoder, AdapterConfig(variant=kind, rank=rank, targets=RECIPE.targets))
     count = sum(p.numel() for p in trainable_parameters(wrappers, "default"))
     remove_adapters(unet, text_encoder)
     return count
@@ -108,7 +114,7 @@ def trainable_count(pipe: StableDiffusionPipeline, kind: str, rank: int) -> int:
 def max_rank(pipe: StableDiffusionPipeline, kind: str, bands: int) -> int:
     """The largest rank for which `bands` disjoint bands fit every targeted layer (spectral kinds), else the
     smallest layer side."""
-    targets = find_targets(pipe.unet, pipe.text_encoder, TOY_TARGETS)
+    targets = find_targets(pipe.unet, pipe.text_encoder, RECIPE.targets)
     sides = [min(weight_matrix(unwrap(m)).shape) for m in targets.values()]
     return min(sides) // bands if kind in SPECTRAL_VARIANTS else min(sides)
 
@@ -149,15 +155,16 @@ def train_concepts(cache: Path, names: Sequence[str], kind: str, rank: int, plan
     paths = []
     for i, name in enumerate(names):
         band = i if kind in SPECTRAL_VARIANTS else "auto"
-        config = concept_train_config(name, photos[name], Path("concept.safetensors"), base=base, device=device,
-                                      variant=kind, rank=rank, band=band, steps=plan.steps,
-                                      batch_size=plan.batch_size, seed=i)
-        stem = f"{name}-{kind}-r{rank}-b{band}-s{plan.steps}-seed{i}-{_recipe_digest(config)}"
+
+        def config(out: Path, name: str = name, band: int | str = band, i: int = i) -> TrainConfig:
+            return RECIPE.train_config(name, photos[name], out, band=band, variant=kind, base=base, device=device,
+                                       seed=i, rank=rank, steps=plan.steps, batch_size=plan.batch_size)
+
+        stem = f"{name}-{kind}-r{rank}-b{band}-s{plan.steps}-seed{i}-{_recipe_digest(config(Path('c.safetensors')))}"
         path = cache / "concepts" / fingerprint / f"{stem}.safetensors"
         if not path.is_file():
             start = time.perf_counter()
-            train(concept_train_config(name, photos[name], path, base=base, device=device, variant=kind, rank=rank,
-                                       band=band, steps=plan.steps, batch_size=plan.batch_size, seed=i))
+            train(config(path))
             print(f"trained {path.name} in {time.perf_counter() - start:.0f} s", flush=True)
         paths.append(path)
     return paths
@@ -193,8 +200,23 @@ def evaluate_single(pipe: StableDiffusionPipeline, judge: Judge, names: Sequence
     return {"concepts": scores}
 
 
+def evaluate_control(base: StableDiffusionPipeline, judge: Judge, names: Sequence[str], paths: Sequence[Path],
+                     sampling: Sampling) -> dict:
+    """Each concept fused (exact sum) with the others reduced to their token rows: its identity must not move."""
+    concepts = [load_concept(p) for p in paths]
+    scores, seconds = {}, 0.0
+    for i, name in enumerate(names):
+        pipe = copy.deepcopy(base)
+        others = [Concept(c.meta, {}, c.token_embeddings) for j, c in enumerate(concepts) if j != i]
+        seconds += fuse([concepts[i], *others], pipe, method="sum").seconds
+        scores[name] = score_concept(pipe, judge, name, sampling).to_dict()
+    return {"concepts": scores, "regional": [], "fuse_seconds": seconds}
+
+
 def evaluate_fused(base: StableDiffusionPipeline, judge: Judge, names: Sequence[str], paths: Sequence[Path],
                    method: str, sampling: Sampling) -> dict:
+    if method == CONTROL:
+        return evaluate_control(base, judge, names, paths, sampling)
     pipe = copy.deepcopy(base)
     report = fuse(list(paths), pipe, method=method)
     scores = {name: score_concept(pipe, judge, name, sampling).to_dict() for name in names}
@@ -315,9 +337,9 @@ def run(args: argparse.Namespace) -> list[Row]:
         section = "\n".join([
             f"Made by `.venv/bin/python {command.strip()}` on {datetime.now(timezone.utc):%Y-%m-%d} ({machine()}).",
             f"Base: `{args.base}` (fingerprint {fingerprint}); {plan.steps} training steps per concept, batch "
-            f"{plan.batch_size}, the toy recipe's learning rates per kind (`toyworld/demo.py`: `TOY_LRS`); "
+            f"{plan.batch_size}, the toy recipe (`toyworld/recipe.py`: {RECIPE.targets}, learning rates per kind); "
             f"{plan.seeds} seeds per prompt, {plan.sample_steps} DPM++ steps, CFG 5. Matched budget "
-            f"({TOY_TARGETS} layers): {budget}.",
+            f"({RECIPE.targets} layers): {budget}.",
             "", table] + ([f"\nNot evaluated (not in the cache): {', '.join(missing)}."] if missing else []))
         write_results(args.out or DOC, section)
         print(f"wrote {args.out or DOC}")

@@ -10,6 +10,13 @@ Baselines, for the quality benchmark (they accept every adapter variant):
 - `ties`: TIES-merging: trim each delta to its top `density` fraction by magnitude, elect each entry's sign by the
   summed mass, average the deltas that agree with it.
 - `dare`: DARE: drop each entry with probability `1 - density` (seeded), rescale the rest by `1/density`, sum.
+- `closed-form`: text-side least squares (Custom Diffusion's merge, generalised to every text-fed layer). For each
+  layer whose input is the prompt's encoding alone (text encoder, cross-attention keys / values) it solves
+  `min_W sum_i ||W X_i - (W0 + w_i dW_i) X_i||^2 + p ||W X_0 - W0 X_0||^2`, with `X_i` that layer's inputs while
+  concept `i`'s own model encodes its prompts (its training captions and templates) and `X_0` the base's inputs for
+  ordinary prompts (the empty prompt, the class words, the captions without their tokens). Each concept then keeps
+  its own mapping of its own token, other concepts' deltas are cancelled on it, and ordinary prompts map as in the
+  base. Text encodings only (no image is sampled): seconds. Other layers get the exact sum.
 - `gradient`: Mix-of-Show's gradient fusion `min_W sum_i ||W X_i - (W0 + w_i dW_i) X_i||^2`, with `X_i` the layer
   inputs recorded while concept `i`'s model encodes and samples its prompts. Solved per layer in closed form from
   Gram matrices accumulated by forward hooks (no activation is stored), with a small ridge towards `W0`:
@@ -20,6 +27,7 @@ Baselines, for the quality benchmark (they accept every adapter variant):
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -36,7 +44,7 @@ from torch import nn
 from spectral_diffusion.adapters.config import SPECTRAL_VARIANTS
 from spectral_diffusion.adapters.inject import adapter_layers, conv_kernels, load_adapter, remove_adapters
 from spectral_diffusion.adapters.layers import Factors, layer_generator, unwrap
-from spectral_diffusion.adapters.targets import adaptable_layers
+from spectral_diffusion.adapters.targets import adaptable_layers, is_text_fed
 from spectral_diffusion.atomic import atomic_directory
 from spectral_diffusion.bands import weight_matrix
 from spectral_diffusion.concept_file import Concept, ConceptMeta, load_concept
@@ -46,12 +54,13 @@ from spectral_diffusion.fingerprint import base_fingerprint
 from spectral_diffusion.single_file import CLIP_PREFIX, pipeline_to_ldm
 from spectral_diffusion.tokens import add_concept_tokens, check_new_token, token_ids
 
-METHODS = ("spectral", "mean", "sum", "ties", "dare", "gradient")
+METHODS = ("spectral", "closed-form", "mean", "sum", "ties", "dare", "gradient")
 LOW_RANK_METHODS = ("spectral", "sum", "mean")  # exact sums of factors: also writable as one LoRA
 OUTPUT_FORMATS = ("diffusers", "single-file", "lora")
 FUSION_JSON = "fusion.json"
 FUSION_FORMAT_VERSION = 1
 RECORD_TEMPLATES = ("a photo of {}", "{}", "a close-up photo of {}", "{} in the city")
+ORDINARY_TEMPLATES = ("", "a photo of a {}", "a {}", "{}")  # closed-form fusion's prompts that keep the base mapping
 
 
 # ---- the math, on plain tensors ------------------------------------------------------------------------------
@@ -222,16 +231,17 @@ def add_tokens(pipe: StableDiffusionPipeline, concepts: Sequence[Concept]) -> No
 def fuse(concepts: Sequence[Concept | str | Path], pipe: StableDiffusionPipeline, method: str = "spectral",
          weights: Sequence[float] | None = None, *, allow_overlap: bool = False, seed: int = 0,
          density: float = 0.5, ridge: float = 1e-4, record_steps: int = 4,
-         record_size: int | None = None) -> FusionReport:
+         record_size: int | None = None, prior_weight: float = 1.0) -> FusionReport:
     """Merge `concepts` into `pipe`'s UNet / text-encoder weights in place and add all their tokens.
 
     `density`: fraction of entries kept by `ties` / `dare`; `seed`: DARE's drop pattern and gradient fusion's
-    sampling noise; `ridge`, `record_steps`, `record_size` (px, default the model's native size): gradient fusion.
+    sampling noise; `ridge`: gradient and closed-form fusion; `record_steps`, `record_size` (px, default the model's
+    native size): gradient fusion; `prior_weight`: closed-form fusion's weight of ordinary prompts.
     Every check runs before the pipeline is touched.
     """
     start = time.perf_counter()
     weights = [1.0] * len(concepts) if weights is None else [float(w) for w in weights]
-    _check_request(method, len(concepts), weights, density)
+    _check_request(method, len(concepts), weights, density, ridge, prior_weight)
     if adapter_layers(pipe.unet, pipe.text_encoder):
         raise SpectralDiffusionError("the pipeline has live adapters; fuse into a plain base model")
     loaded = load_concepts(concepts)
@@ -260,11 +270,20 @@ def fuse(concepts: Sequence[Concept | str | Path], pipe: StableDiffusionPipeline
         stats = record_gradient_stats(pipe, loaded, weights, factors, steps=record_steps, size=record_size,
                                       seed=seed)
         timings["record"] = time.perf_counter() - recording
+    if method == "closed-form":
+        options.update(ridge=ridge, prior_weight=prior_weight)
+        recording = time.perf_counter()
+        stats = record_text_stats(pipe, loaded, weights, factors, prior_weight=prior_weight)
+        timings["record"] = time.perf_counter() - recording
     merging = time.perf_counter()
     with torch.no_grad():
         for name, per in factors.items():
             weight = weight_matrix(unwrap(modules[name]))
-            delta = stats[name].solve(ridge) if stats else merged_delta(method, name, per, density=density, seed=seed)
+            if name in stats:
+                delta = stats[name].solve(ridge)
+            else:  # closed-form fusion sums the layers that do not read the text alone
+                delta = merged_delta("sum" if method == "closed-form" else method, name, per, density=density,
+                                     seed=seed)
             weight += delta.to(weight.dtype)
     timings["solve" if stats else "merge"] = time.perf_counter() - merging
     low_rank = None
@@ -277,15 +296,22 @@ def fuse(concepts: Sequence[Concept | str | Path], pipe: StableDiffusionPipeline
     return FusionReport(method, fused, fingerprint, len(factors), seconds, options, timings, low_rank)
 
 
-def _check_request(method: str, count: int, weights: Sequence[float], density: float) -> None:
+def _check_request(method: str, count: int, weights: Sequence[float], density: float, ridge: float,
+                   prior_weight: float) -> None:
     if method not in METHODS:
         raise SpectralDiffusionError(f"unknown fusion method {method!r}; choose one of {', '.join(METHODS)}")
     if not count:
         raise SpectralDiffusionError("nothing to fuse: give at least one concept file")
     if len(weights) != count:
         raise SpectralDiffusionError(f"{len(weights)} weights given for {count} concepts")
+    bad = [f"{w:g}" for w in weights if not math.isfinite(w)]
+    if bad:
+        raise SpectralDiffusionError(f"concept weights must be finite numbers, got {', '.join(bad)}")
     if method in ("ties", "dare") and not 0 < density <= 1:
         raise SpectralDiffusionError(f"density must be in (0, 1], got {density:g}")
+    for name, value in (("ridge", ridge), ("prior weight", prior_weight)):
+        if not (math.isfinite(value) and value >= 0):
+            raise SpectralDiffusionError(f"{name} must be a finite number >= 0, got {value:g}")
 
 
 def merged_delta(method: str, name: str, per_concept: Sequence[Factors | None], *, density: float = 0.5,
@@ -362,6 +388,64 @@ def record_gradient_stats(pipe: StableDiffusionPipeline, concepts: Sequence[tupl
                 stats[name] = GradientStats.zeros(weight_matrix(unwrap(modules[name])).shape[0], gram.shape[0], gram.device)
             stats[name].add(gram, factors[name][i])
     return stats
+
+
+def concept_prompts(meta: ConceptMeta) -> list[str]:
+    """What closed-form fusion encodes with a concept's own model: its training captions and the templates."""
+    return sorted(set(meta.training.get("captions", [])) | set(record_prompts(meta)))
+
+
+def ordinary_prompts(metas: Sequence[ConceptMeta]) -> list[str]:
+    """Prompts whose encoding the fused model must map as the base does: the empty prompt (classifier-free
+    guidance reads it), each class word in templates, and every concept's captions without its token."""
+    prompts = {t.format(m.class_word).strip() for m in metas for t in ORDINARY_TEMPLATES}
+    prompts |= {" ".join(c.replace(m.token, " ").split()) for m in metas for c in m.training.get("captions", [])}
+    return sorted(prompts)
+
+
+def record_text_stats(pipe: StableDiffusionPipeline, concepts: Sequence[tuple[Concept, str | None]],
+                      weights: Sequence[float], factors: Mapping[str, Sequence[Factors | None]], *,
+                      prior_weight: float = 1.0) -> dict[str, GradientStats]:
+    """Closed-form fusion statistics of the text-fed layers in `factors`: each concept's own model (the concept
+    live at its weight) encodes `concept_prompts`, the base encodes `ordinary_prompts`. Text-encoder layers' input
+    Grams come from forward hooks, the cross-attention keys' and values' from the final encodings. Each group's Gram
+    is a mean over its tokens (every concept counts alike, whatever its prompt count), the ordinary group's scaled
+    by `prior_weight`. The pipeline must hold the concepts' tokens and no adapters; it is left as it was found."""
+    names = [name for name in factors if is_text_fed(name)]
+    stats: dict[str, GradientStats] = {}
+
+    def accumulate(prompts: list[str], index: int | None, scale: float) -> None:
+        for name, gram in _text_grams(pipe, names, prompts).items():
+            if name not in stats:
+                out_features = weight_matrix(unwrap(adaptable_layers(pipe.unet, pipe.text_encoder)[name])).shape[0]
+                stats[name] = GradientStats.zeros(out_features, gram.shape[0], gram.device)
+            stats[name].add(scale * gram, None if index is None else factors[name][index])
+
+    for i, ((concept, _), weight) in enumerate(zip(concepts, weights, strict=True)):
+        load_adapter(pipe.unet, pipe.text_encoder, concept.meta.variant, concept.layers, name="fusion", scale=weight)
+        try:
+            accumulate(concept_prompts(concept.meta), i, 1.0)
+        finally:
+            remove_adapters(pipe.unet, pipe.text_encoder)
+    accumulate(ordinary_prompts([c.meta for c, _ in concepts]), None, prior_weight)
+    return stats
+
+
+@torch.no_grad()
+def _text_grams(pipe: StableDiffusionPipeline, names: Sequence[str], prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Per text-fed layer in `names`, the mean over tokens of `x x^T` of its inputs while `pipe` encodes `prompts`
+    exactly as it does when sampling (padded to the full context, tokens expanded)."""
+    modules = adaptable_layers(pipe.unet, pipe.text_encoder)
+    recorder = _GramRecorder({n: modules[n] for n in names if n.startswith("text_encoder.")})
+    try:
+        hidden = pipe.encode_prompt(prompts, pipe.text_encoder.device, 1, False)[0]
+    finally:
+        recorder.remove()
+    rows = hidden.reshape(-1, hidden.shape[-1]).float()
+    grams = {name: gram / len(rows) for name, gram in recorder.grams.items()}
+    encoding_gram = rows.mT @ rows / len(rows)
+    grams.update({name: encoding_gram for name in names if name.startswith("unet.")})
+    return grams
 
 
 class _GramRecorder:

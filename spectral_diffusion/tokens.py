@@ -12,6 +12,9 @@ and every other row stays bit-identical by construction. `write()` copies the tr
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from diffusers.loaders import TextualInversionLoaderMixin
 from torch import nn
@@ -117,13 +120,24 @@ class ConceptEmbeddings(nn.Module):
         self.embedding = [embedding]  # a list, so the frozen layer is not registered as a submodule
         self.rows = nn.Parameter(init.detach().float().clone())
         self.register_buffer("ids", torch.tensor(ids, dtype=torch.long), persistent=False)
+        self._replacement: torch.Tensor | None = None
         self._hook = embedding.register_forward_hook(self._substitute)
 
     def _substitute(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         match = inputs[0].unsqueeze(-1) == self.ids.to(inputs[0].device)  # [..., seq, n]
         hit = match.any(-1, keepdim=True)
-        rows = self.rows.to(output.dtype)[match.int().argmax(-1)]
+        source = self.rows if self._replacement is None else self._replacement
+        rows = source.to(output.dtype)[match.int().argmax(-1)]
         return torch.where(hit, rows, output)
+
+    @contextmanager
+    def replaced(self, rows: torch.Tensor) -> Iterator[None]:
+        """Substitute `rows` for the trained ones while inside: the same prompts with another token's vectors."""
+        self._replacement = rows
+        try:
+            yield
+        finally:
+            self._replacement = None
 
     @torch.no_grad()
     def cap_norms(self, cap: float) -> None:

@@ -18,6 +18,7 @@ from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.toyworld import judge as judge_module
 from spectral_diffusion.toyworld.demo import DemoConfig, run_demo
 from spectral_diffusion.toyworld.judge import Judge, JudgeNet
+from spectral_diffusion.toyworld.recipe import RECIPE
 from spectral_diffusion.toyworld.scoring import concept_token, halves, retention
 
 CONCEPTS = ("striped_fish", "bullseye")
@@ -51,7 +52,7 @@ def test_demo_writes_grid_images_scores_and_reuses_concepts(tiny_model_dir, tmp_
 
     files = {name: out / "concepts" / f"{name}.safetensors" for name in CONCEPTS}
     assert [read_meta(files[name]).band for name in CONCEPTS] == [0, 1]
-    assert read_meta(files["bullseye"]).kernels  # the toy recipe adapts the 3x3 convolutions too
+    assert read_meta(files["bullseye"]).targets == RECIPE.targets  # the one toy recipe
     assert any("fused 2 concepts" in line for line in logs)
     side = 16  # the tiny model's native size
     images = sorted((out / "images").glob("*.png"))
@@ -129,8 +130,7 @@ def test_trainable_count_matches_the_adapter_shapes(tiny_pipe, tmp_path, monkeyp
     monkeypatch.setenv("SPECTRAL_DIFFUSION_CACHE", str(tmp_path))
     bench = _load_benchmark()
     shapes = [bench.weight_matrix(bench.unwrap(m)).shape
-              for m in bench.find_targets(tiny_pipe.unet, tiny_pipe.text_encoder, bench.TOY_TARGETS).values()]
-    assert any(s[1] % 9 == 0 and s[1] > s[0] for s in shapes)  # 3x3 convs count as [out, in*9]
+              for m in bench.find_targets(tiny_pipe.unet, tiny_pipe.text_encoder, RECIPE.targets).values()]
     assert bench.trainable_count(tiny_pipe, "lora", 3) == sum(3 * (o + i) for o, i in shapes)
     assert bench.trainable_count(tiny_pipe, "additive", 2) == sum(2 * (o + i + 1) for o, i in shapes)
     assert bench.trainable_count(tiny_pipe, "rotational", 4) == len(shapes) * (2 * 6 + 4)

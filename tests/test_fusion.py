@@ -12,7 +12,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from spectral_diffusion.adapters.layers import unwrap
-from spectral_diffusion.adapters.targets import adaptable_layers
+from spectral_diffusion.adapters.targets import adaptable_layers, is_text_fed
 from spectral_diffusion.bands import weight_matrix
 from spectral_diffusion.cli import main
 from spectral_diffusion.concept_file import save_concept
@@ -24,7 +24,9 @@ from spectral_diffusion.fusion import (
     dare_merge,
     fuse,
     merged_delta,
+    ordinary_prompts,
     record_gradient_stats,
+    record_text_stats,
     save_fused,
     ties_merge,
 )
@@ -220,6 +222,90 @@ def test_gradient_fusion_end_to_end(tiny_pipe, concepts) -> None:
     assert {"record", "solve", "total"} <= set(report.timings) and report.options["ridge"] == 1e-4
     changed = [n for n, w in _weights(tiny_pipe).items() if not torch.equal(w, before[n])]
     assert set(changed) == set(concepts[0].layers) | set(concepts[1].layers)
+
+
+def _factors(concepts, weights) -> dict[str, list]:
+    factors: dict[str, list] = {}
+    for i, (concept, w) in enumerate(zip(concepts, weights, strict=True)):
+        for name in concept.layers:
+            up, down = concept.delta_factors(name)
+            factors.setdefault(name, [None] * len(concepts))[i] = (w * up, down)
+    return factors
+
+
+def _latents(pipe, prompt: str) -> torch.Tensor:
+    return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+
+def test_token_only_concepts_leave_a_fused_identity_exactly_as_alone(tiny_model_dir, tiny_pipe) -> None:
+    """The plumbing control: concepts whose weight changes are zero (token rows only) change nothing for another."""
+    main_concept = random_concept(tiny_pipe, band=0, token="<dogA>", seed=1, targets="kv")
+    others = [random_concept(tiny_pipe, band=b, token=f"<other{b}>", seed=b, targets="attn+ff+conv") for b in (1, 2)]
+    for concept in others:
+        for state in concept.layers.values():
+            for key in ("A", "B", "c"):
+                state[key] = torch.zeros_like(state[key])
+    assert all(not (lambda up, down: (up @ down).any())(*concept.delta_factors(n))
+               for concept in others for n in concept.layers)
+    alone = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    alone.set_progress_bar_config(disable=True)
+    fuse([main_concept], alone)
+    fuse([main_concept, *others], tiny_pipe)
+    prompt = "a photo of <dogA> dog"
+    assert torch.allclose(_latents(tiny_pipe, prompt), _latents(alone, prompt), atol=1e-6)
+
+
+def test_closed_form_beats_the_sum_on_its_own_objective(tiny_pipe) -> None:
+    concepts = [random_concept(tiny_pipe, band=b, token=f"<c{b}>", seed=b, targets="kv") for b in range(3)]
+    for b, concept in enumerate(concepts):
+        concept.meta.training["captions"] = [f"a photo of <c{b}> dog in the snow", f"<c{b}> dog on a sofa"]
+    add_tokens(tiny_pipe, concepts)
+    before = _weights(tiny_pipe)
+    weights = [1.0, 0.8, 1.0]
+    factors = _factors(concepts, weights)
+    stats = record_text_stats(tiny_pipe, [(c, None) for c in concepts], weights, factors)
+    assert set(stats) == set(factors) and all(is_text_fed(n) for n in stats)
+    closed = sum(s.objective(s.solve(1e-4)) for s in stats.values())
+    summed = sum(s.objective(merged_delta("sum", n, factors[n])) for n, s in stats.items())
+    assert closed < 0.5 * summed
+    after = _weights(tiny_pipe)  # recording leaves the pipeline as it was
+    assert all(torch.equal(after[n], w) for n, w in before.items())
+    assert "" in ordinary_prompts([c.meta for c in concepts])
+    assert "a photo of dog in the snow" in ordinary_prompts([c.meta for c in concepts])
+
+
+def test_closed_form_keeps_one_concept_exact_without_prior(tiny_pipe) -> None:
+    """One concept's targets are consistent, so with no ordinary prompts the solve maps its prompts' encodings as
+    its own model does (up to the ridge), though the fused weight differs from `W0 + dW` elsewhere."""
+    concept = random_concept(tiny_pipe, band=0, token="<dogA>", seed=4, targets="unet.*.attn2.to_[kv]")
+    name = next(iter(concept.layers))
+    w0 = _weights(tiny_pipe)[name]
+    report = fuse([concept], tiny_pipe, "closed-form", prior_weight=0.0, ridge=1e-6)
+    assert report.options == {"ridge": 1e-6, "prior_weight": 0.0} and "record" in report.timings
+    hidden = tiny_pipe.encode_prompt(["a photo of <dogA> dog"], "cpu", 1, False)[0][0]
+    up, down = concept.delta_factors(name)
+    own = hidden @ (w0 + up @ down).mT
+    assert torch.allclose(hidden @ _weights(tiny_pipe)[name].mT, own, atol=1e-4 * own.abs().max().item())
+
+
+def test_closed_form_sums_the_layers_that_do_not_read_the_text(tiny_pipe) -> None:
+    concepts = [random_concept(tiny_pipe, band=b, token=f"<c{b}>", seed=b, targets="attn") for b in range(2)]
+    before = _weights(tiny_pipe)
+    fuse(concepts, tiny_pipe, "closed-form")
+    after = _weights(tiny_pipe)
+    image_side = [n for n in concepts[0].layers if not is_text_fed(n)]
+    assert image_side
+    for name in image_side:
+        expected = before[name] + sum(c.delta_factors(name)[0] @ c.delta_factors(name)[1] for c in concepts)
+        assert torch.allclose(after[name], expected, atol=1e-6), name
+
+
+def test_non_finite_weights_are_refused(tiny_pipe, concepts) -> None:
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(SpectralDiffusionError, match="concept weights must be finite numbers"):
+            fuse(concepts, tiny_pipe, weights=[1.0, bad])
+    with pytest.raises(SpectralDiffusionError, match="prior weight must be a finite number >= 0"):
+        fuse(concepts, tiny_pipe, "closed-form", prior_weight=-1)
 
 
 # ---- output ------------------------------------------------------------------------------------------------

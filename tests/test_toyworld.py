@@ -18,7 +18,6 @@ from spectral_diffusion.cli import main
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.tokenizer import build_clip_tokenizer
 from spectral_diffusion.toyworld import concepts, model, render
-from spectral_diffusion.toyworld.demo import TOY_TARGETS
 from spectral_diffusion.toyworld.evaluate import evaluate_base
 from spectral_diffusion.toyworld.judge import JUDGE_PATH, Judge
 from spectral_diffusion.toyworld.pretrain import PretrainConfig, lr_factor, pretrain
@@ -98,12 +97,24 @@ def test_unknown_concept_is_a_user_error():
 
 
 def test_every_adaptable_layer_fits_eight_rank4_bands(tmp_path):
-    # every layer of the widest preset (the toy recipe's, 3x3 convs as [out, in*9]) has 8 bands of rank 4
+    # every layer of the widest preset (3x3 convs as [out, in*9]) has 8 bands of rank 4
     pipe = model.build_pipeline(tmp_path / "tok")
-    targets = find_targets(pipe.unet, pipe.text_encoder, TOY_TARGETS)
-    assert TOY_TARGETS == "attn+ff+conv" and len(targets) > 100
+    targets = find_targets(pipe.unet, pipe.text_encoder, "attn+ff+conv")
+    assert len(targets) > 100
     for name, module in targets.items():
         assert min(weight_matrix(module).shape) >= 8 * 4, name
+
+
+def test_toy_unet_has_the_block_layout_of_sd15():
+    """SD 1.x's blocks at toy sizes: cross-attention at every level but the lowest, and in the mid block."""
+    sd15 = json.loads((Path(model.__file__).parents[1] / "configs" / "sd15" / "unet" / "config.json").read_text())
+    unet = model.build_unet()
+    for key in ("down_block_types", "up_block_types"):
+        assert list(unet.config[key]) == sd15[key], key
+    assert unet.config.mid_block_type == "UNetMidBlock2DCrossAttn"
+    cross = {n.split(".attentions")[0] for n, _ in unet.named_modules() if n.endswith("attn2.to_k")}
+    assert cross == {"down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block",
+                     "up_blocks.1", "up_blocks.2", "up_blocks.3"}
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():

@@ -264,3 +264,25 @@ def test_a_crash_mid_run_keeps_a_checkpoint(photos: Path, tmp_path: Path, tiny_m
     steps: list[int] = []
     train(_config(photos, out, tiny_model_dir, steps=4, resume=True), on_step=lambda info: steps.append(info.step))
     assert steps == [3, 4] and out.is_file()
+
+
+def test_locality_loss_starts_at_zero_and_trains_only_the_adapters(tiny_pipe: StableDiffusionPipeline, photos: Path,
+                                                                    tmp_path: Path, tiny_model_dir: Path) -> None:
+    config = _config(photos, tmp_path / "dogA.safetensors", tiny_model_dir, targets="kv", lr_text=1e-3,
+                     locality_weight=1.0)
+    trainer = Trainer(config, pipe=tiny_pipe)
+    captions = ["a photo of <dogA> dog", "<dogA> dog in the snow"]
+    assert trainer.locality_loss(captions, torch.Generator().manual_seed(0)).item() == 0.0  # zero-init adapters
+    with torch.no_grad():
+        for param in trainer.trainables.values():
+            param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+    loss = trainer.locality_loss(captions, torch.Generator().manual_seed(0))
+    assert loss.item() > 0
+    loss.backward()
+    grads = {n: p.grad for n, p in trainer.trainables.items()}
+    assert grads["embeddings.rows"] is None  # prompts without the concept's own vectors: the token is free
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("unet."))
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("text_encoder."))
+    out = trainer.run()
+    assert load_concept(out).meta.training["locality_weight"] == 1.0
+    assert load_concept(out).meta.training["captions"]

@@ -7,7 +7,8 @@ wrapped takes further named adapters. Base weights are frozen and never modified
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -105,6 +106,19 @@ def remove_adapters(unet: nn.Module | None, text_encoder: nn.Module | None) -> N
         for merged in list(wrapper.merged):
             wrapper.unmerge(merged)
         _replace(unet, text_encoder, layer_name, wrapper.base)
+
+
+@contextmanager
+def adapter_disabled(layers: Mapping[str, AdapterLayer], name: str) -> Iterator[None]:
+    """Adapter ``name`` skipped on ``layers`` while inside (scale 0, restored after): the base model's forward."""
+    scales = {ln: layer.scales[name] for ln, layer in layers.items() if name in layer.adapters}
+    for ln in scales:
+        layers[ln].set_scale(name, 0.0)
+    try:
+        yield
+    finally:
+        for ln, scale in scales.items():
+            layers[ln].set_scale(name, scale)
 
 
 def adapter_state(layers: Mapping[str, AdapterLayer], name: str) -> dict[str, dict[str, torch.Tensor]]:

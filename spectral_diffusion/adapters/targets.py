@@ -12,11 +12,12 @@ from torch import nn
 from spectral_diffusion.adapters.layers import AdapterLayer, is_adaptable
 from spectral_diffusion.errors import SpectralDiffusionError
 
+_TEXT_ATTN = ("text_encoder.*.self_attn.[qkv]_proj", "text_encoder.*.self_attn.out_proj")
+_CROSS_KV = ("unet.*.attn2.to_[kv]",)  # cross-attention keys and values: the UNet layers that read only the text
 _ATTN = (
     "unet.*.attn[12].to_[qkv]",
     "unet.*.attn[12].to_out.0",
-    "text_encoder.*.self_attn.[qkv]_proj",
-    "text_encoder.*.self_attn.out_proj",
+    *_TEXT_ATTN,
 )
 _ATTN_FF = (
     *_ATTN,
@@ -28,6 +29,10 @@ _ATTN_FF = (
     "text_encoder.*.mlp.fc2",
 )
 PRESETS: dict[str, tuple[str, ...]] = {
+    # The text pathway only (Custom Diffusion's choice, plus the text encoder's attention): every adapted layer sees
+    # the prompt and nothing else, so a concept acts only where its token is, and fuses in closed form from text
+    # encodings alone (fusion method `closed-form`).
+    "kv": (*_CROSS_KV, *_TEXT_ATTN),
     "attn": _ATTN,
     "attn+ff": _ATTN_FF,
     # + the UNet's 3x3 convolutions (resnets, down- and upsamplers), kohya's conv_dim / LyCORIS LoCon: where local
@@ -39,6 +44,12 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "unet.*samplers.*.conv",
     ),
 }
+
+
+def is_text_fed(name: str) -> bool:
+    """True for layers whose input is the prompt's encoding alone: the text encoder's and the cross-attention
+    keys / values. Their outputs for any prompt follow from text encodings, without sampling an image."""
+    return name.startswith("text_encoder.") or any(fnmatchcase(name, p) for p in _CROSS_KV)
 
 
 def components(unet: nn.Module | None, text_encoder: nn.Module | None) -> dict[str, nn.Module]:

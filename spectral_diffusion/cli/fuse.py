@@ -52,7 +52,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--density", type=float, default=0.5,
                    help="ties/dare: fraction of each delta's entries kept (default: 0.5)")
     p.add_argument("--ridge", type=float, default=1e-4,
-                   help="gradient: ridge towards the base weight, relative to the Gram trace (default: 1e-4)")
+                   help="gradient, closed-form: ridge towards the base weight, relative to the Gram trace "
+                        "(default: 1e-4)")
+    p.add_argument("--prior-weight", type=float, default=1.0,
+                   help="closed-form: weight of ordinary prompts (kept as the base maps them) against the "
+                        "concepts' own prompts (default: 1)")
     p.add_argument("--record-steps", type=int, default=4,
                    help="gradient: sampling steps whose layer inputs are recorded per concept (default: 4)")
     p.add_argument("--record-size", type=int, default=None, metavar="PX",
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         report = fuse(args.concepts, pipe, args.method, args.weights, allow_overlap=args.allow_overlap,
                       seed=args.seed, density=args.density, ridge=args.ridge, record_steps=args.record_steps,
-                      record_size=args.record_size)
+                      record_size=args.record_size, prior_weight=args.prior_weight)
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
     paths = save_fused(pipe, report, out, args.format, lora_format=args.lora_format, overwrite=args.overwrite)

@@ -28,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--model-dir", type=Path, default=None,
                    help="where the finished diffusers folder goes (default: the package's bundled model)")
     d = {f.name: f.default for f in fields(PretrainConfig)}  # one source for the defaults and their help
+    t.add_argument("--vae-from", type=Path, default=d["vae_from"], metavar="MODEL_DIR",
+                   help="reuse the VAE of this diffusers folder and skip stage 1 (e.g. the bundled model's, "
+                        "spectral_diffusion/toyworld/model)")
     t.add_argument("--vae-minutes", type=float, default=d["vae_minutes"], help="VAE training budget (default: %(default)s)")
     t.add_argument("--unet-minutes", type=float, default=d["unet_minutes"],
                    help="UNet + text encoder training budget (default: %(default)s)")
@@ -77,7 +80,7 @@ def _render_concepts(args: argparse.Namespace) -> None:
 def _pretrain(args: argparse.Namespace) -> None:
     from spectral_diffusion.toyworld.pretrain import pretrain
 
-    settings = {key: getattr(args, key) for key in ("vae_minutes", "unet_minutes", "num_scenes", "threads", "device",
+    settings = {key: getattr(args, key) for key in ("vae_from", "vae_minutes", "unet_minutes", "num_scenes", "threads", "device",
                                                      "vae_batch", "unet_batch", "noise_draws", "unet_lr")}
     if args.model_dir is not None:
         settings["model_dir"] = args.model_dir

@@ -66,6 +66,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--snr-gamma", type=float, default=0.0,
                    help="min-SNR loss weighting gamma, e.g. 5; 0 turns it off (default: 0)")
 
+    o.add_argument("--locality-weight", type=float, default=0.0,
+                   help="keep the text encoder's and the cross-attention keys/values' outputs at the base model's on "
+                        "prompts without the token (its captions with the token dropped, or replaced by random "
+                        "foreign token vectors), so the concept stays out of other concepts' way; 0: off (default: 0)")
+
     t = p.add_argument_group("token")
     t.add_argument("--num-vectors", type=int, default=2,
                    help="embedding vectors of the token: <tok>, <tok>_1, ... (default: 2)")
@@ -125,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         lr_emb=args.lr_emb, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, seed=args.seed, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, noise_offset=args.noise_offset,
-        snr_gamma=args.snr_gamma, num_vectors=args.num_vectors, emb_norm_cap=args.emb_norm_cap,
+        snr_gamma=args.snr_gamma, locality_weight=args.locality_weight, num_vectors=args.num_vectors, emb_norm_cap=args.emb_norm_cap,
         prior_dir=args.prior_dir, prior_weight=args.prior_weight, mask_floor=args.mask_floor, flip=args.flip,
         checkpoint_every=args.checkpoint_every, resume=args.resume, validation_prompts=args.validation_prompts,
         validate_every=args.validate_every, sample_steps=args.sample_steps, preview_images=args.preview_images,

@@ -1,7 +1,7 @@
 """The end-to-end demo on the toy world: train three concepts in bands 0, 1, 2, fuse them, generate, judge.
 
-It runs the product's whole path offline in minutes on a CPU (the trainer, `fusion.fuse`, `generation.generate`
-with regional prompts) and puts numbers on the claim that matters: each concept's identity with its own model
+It runs the product's whole path offline in minutes on a CPU (the trainer with the toy recipe, `fusion.fuse` with
+the recipe's method, `generation.generate` with regional prompts) and puts numbers on the claim that matters: each concept's identity with its own model
 versus inside the fused model, whether a fused concept still follows a prompt its photos never showed, and two
 concepts side by side: in the fused model, and (latent region mode) live, each applied only in its own region.
 
@@ -16,8 +16,7 @@ Output folder (re-running reuses the concept files already trained with the same
 
 API:
     DEMO_CONCEPTS
-    DemoConfig(out, base, concepts, steps, seeds, ...)
-    concept_train_config(name, photo_dir, out, *, base, variant, rank, band, steps, ...) -> TrainConfig
+    DemoConfig(out, base, concepts, steps, seeds, fusion, ...)
     run_demo(config, judge=None, log=print) -> DemoResult
 """
 
@@ -41,6 +40,7 @@ from spectral_diffusion.generation import save_png
 from spectral_diffusion.models import load_base
 from spectral_diffusion.toyworld import concepts
 from spectral_diffusion.toyworld.judge import Judge
+from spectral_diffusion.toyworld.recipe import RECIPE
 from spectral_diffusion.toyworld.scoring import (
     NEW_BACKGROUND,
     ConceptScore,
@@ -51,40 +51,28 @@ from spectral_diffusion.toyworld.scoring import (
     score_concept,
     score_regional,
 )
-from spectral_diffusion.training.checkpoint import checkpoint_dir
 from spectral_diffusion.training.config import TrainConfig
 from spectral_diffusion.training.trainer import train
 
 # Three concepts whose class words differ (fish, house, circle), so the regional pairs are easy to tell apart.
 DEMO_CONCEPTS = ("striped_fish", "red_door_house", "bullseye")
-# The toy-world recipe, tuned on the bundled base (docs/toyworld.md, "Training the concepts"). The concepts draw
-# colour layouts the base never drew (a yellow house with a blue roof and a red door), which attention-only
-# adapters did not learn (identity <= 0.1): the 3x3 convolutions must adapt too. (UNet, text encoder) learning
-# rates per kind; every kind trains the token rows at TOY_LR_EMB.
-TOY_TARGETS = "attn+ff+conv"
-TOY_STEPS = 800
-TOY_LRS = {"additive": (3e-3, 1e-3), "rotational": (3e-3, 1e-3), "lora": (3e-3, 3e-4), "ortho": (1e-2, 1e-3)}
-TOY_LR_EMB = 5e-3
 # Training settings the demo checks before reusing a concept file from an earlier run.
 RECIPE_KEYS = ("variant", "band", "rank", "targets", "steps", "batch_size", "lr_unet", "lr_text", "lr_emb", "seed",
-               "base_fingerprint")
+               "num_vectors", "locality_weight", "base_fingerprint")
 
 
 @dataclass
 class DemoConfig:
-    """What the demo trains and how it samples. Concept `i` goes to band `i` (`rank` columns each)."""
+    """What the demo trains (the toy recipe, `recipe.RECIPE`) and how it samples. Concept `i` goes to band `i`."""
 
     out: Path = Path("demo-output")
     base: str = "toy"
     device: str | None = None
     concepts: Sequence[str] = DEMO_CONCEPTS
-    steps: int = TOY_STEPS
+    steps: int = RECIPE.steps
     seeds: int = 8
     variant: str = "additive"
-    rank: int = 4
-    batch_size: int = 4
-    lr_unet: float | None = None  # None: TOY_LRS[variant]
-    lr_text: float | None = None
+    fusion: str = RECIPE.fusion
     seed: int = 0
     sample_steps: int = 20
     guidance: float = 5.0
@@ -142,25 +130,6 @@ class DemoResult:
         return "\n".join(lines)
 
 
-def concept_train_config(name: str, photo_dir: str | Path, out: str | Path, *, base: str = "toy",
-                         device: str | None = None, variant: str = "additive", rank: int = 4, band: int | str = 0,
-                         steps: int = TOY_STEPS, batch_size: int = 4, lr_unet: float | None = None,
-                         lr_text: float | None = None, seed: int = 0, overwrite: bool = False) -> TrainConfig:
-    """The toy-world training recipe for concept `name` (also the fusion benchmark's): `TOY_TARGETS`, the kind's
-    `TOY_LRS` unless given, two token vectors, no flips (the concepts are not mirror-symmetric), no checkpoints on
-    schedule and no preview (the caller samples); an interrupted run resumes from its Ctrl-C checkpoint."""
-    if variant not in TOY_LRS:
-        raise SpectralDiffusionError(f"unknown adapter variant {variant!r}; choose one of {', '.join(TOY_LRS)}")
-    unet_lr, text_lr = TOY_LRS[variant]
-    return TrainConfig(
-        photo_dir=photo_dir, token=concept_token(name), out=out, class_word=concepts.get_concept(name).class_word,
-        base=base, device=device, variant=variant, band=band, rank=rank, targets=TOY_TARGETS, steps=steps,
-        batch_size=batch_size, lr_unet=unet_lr if lr_unet is None else lr_unet,
-        lr_text=text_lr if lr_text is None else lr_text, lr_emb=TOY_LR_EMB, seed=seed, flip=False,
-        checkpoint_every=0, preview_images=0, resume=checkpoint_dir(Path(out)).is_dir() and not overwrite,
-        overwrite=overwrite)
-
-
 def write_photos(names: Sequence[str], root: Path) -> dict[str, Path]:
     """The bundled concepts' photo folders under `root` (deterministic renders; existing folders are kept)."""
     folders = {}
@@ -178,9 +147,8 @@ def _reusable(path: Path, config: TrainConfig, band: int, fingerprint: str) -> b
         return False
     meta = read_meta(path)
     lr_unet, lr_text, lr_emb = config.learning_rates()
-    wanted = {"variant": config.variant, "band": band, "rank": config.rank, "targets": config.targets,
-              "steps": config.steps, "batch_size": config.batch_size, "lr_unet": lr_unet, "lr_text": lr_text,
-              "lr_emb": lr_emb, "seed": config.seed, "base_fingerprint": fingerprint}
+    wanted = {key: getattr(config, key, None) for key in RECIPE_KEYS}
+    wanted.update(band=band, lr_unet=lr_unet, lr_text=lr_text, lr_emb=lr_emb, base_fingerprint=fingerprint)
     found = {key: meta.training.get(key) for key in RECIPE_KEYS}
     if found != wanted:
         changed = ", ".join(f"{k} {found[k]} -> {wanted[k]}" for k in RECIPE_KEYS if found[k] != wanted[k])
@@ -194,10 +162,9 @@ def train_concepts(config: DemoConfig, photos: dict[str, Path], fingerprint: str
     paths = {}
     for band, name in enumerate(config.concepts):
         out = config.out / "concepts" / f"{name}.safetensors"
-        train_config = concept_train_config(
-            name, photos[name], out, base=config.base, device=config.device, variant=config.variant,
-            rank=config.rank, band=band, steps=config.steps, batch_size=config.batch_size, lr_unet=config.lr_unet,
-            lr_text=config.lr_text, seed=config.seed, overwrite=config.overwrite)
+        train_config = RECIPE.train_config(name, photos[name], out, band=band, variant=config.variant,
+                                           base=config.base, device=config.device, seed=config.seed,
+                                           overwrite=config.overwrite, steps=config.steps)
         if _reusable(out, train_config, band, fingerprint):
             log(f"reusing {out}")
         else:
@@ -299,7 +266,7 @@ def run_demo(config: DemoConfig, judge: Judge | None = None, log: Callable[[str]
         regional = [score_regional(pipe, judge, a, b, sampling, mode="latent", model=f"{config.base}+live",
                                    scope=composer.scope) for a, b in pairs]
     composer.clear()
-    report = fuse(list(paths.values()), pipe, method="spectral")
+    report = fuse(list(paths.values()), pipe, method=config.fusion)
     log(report.summary())
     fused = {name: score_concept(pipe, judge, name, sampling, config.new_background, model=f"{config.base}+fused")
              for name in paths}

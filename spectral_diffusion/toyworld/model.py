@@ -4,11 +4,14 @@ Same component classes as SD 1.x (AutoencoderKL, UNet2DConditionModel, CLIPTextM
 code path of the toolkit runs on it unchanged. Sizes follow the measurements in DESIGN.md §4:
 
 - VAE: channels (16, 32, 64), 4x downsampling, 64x64x3 images <-> 16x16x4 latents;
-- UNet: channels (32, 64, 128), one layer per block, cross-attention at 8x8 and 4x4 (+ mid block);
+- UNet: SD 1.x's block layout at toy sizes: four levels, channels (32, 64, 128, 128) at 16x16, 8x8, 4x4, 2x2
+  latents, cross-attention at the three finest (`CrossAttnDownBlock2D` x3 + `DownBlock2D`, mirrored on the way
+  up) and in the mid block, one layer per block, 32 channels per head: the text steers the finest detail, as in
+  SD 1.x, so a new token can carry a concept through cross-attention;
 - text encoder: CLIP, 128 wide, 3 layers, 4 heads; tokenizer: one token per vocabulary word (`vocabulary()`).
 
-Every layer the `attn` / `attn+ff` presets adapt has min(out, in) >= 64; `attn+ff+conv` adds convs whose smallest
-side is 32, so 8 bands of rank 4 fit everywhere.
+The 16x16 level is 32 channels wide, so the smallest adapted layers have min(out, in) = 32: 8 bands of rank 4 fit
+everywhere.
 
 API:
     MODEL_DIR                               # the trained model folder shipped in the package
@@ -69,10 +72,10 @@ def build_vae() -> AutoencoderKL:
 def build_unet() -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=render.RESOLUTION // 4, in_channels=4, out_channels=4,
-        block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TEXT_WIDTH, attention_head_dim=(2, 2, 4),  # heads per block: 32 channels per head
+        block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=TEXT_WIDTH, attention_head_dim=(1, 2, 4, 4),  # heads per block: 32 channels per head
     )
 
 

@@ -6,7 +6,8 @@ a stage ends on time with a fully decayed learning rate whatever the load. Step 
 
 - Data: a fixed, seeded set of rendered scenes (`render.sample_spec`), re-rendered in seconds on every run; the VAE
   also sees uncaptioned clutter (`render.render_clutter`). The held-out concepts are never used.
-- Stage 1 (VAE): MSE + L1 reconstruction, tiny KL weight; PSNR on held-out renders is logged.
+- Stage 1 (VAE): MSE + L1 reconstruction, tiny KL weight; PSNR on held-out renders is logged. `vae_from` reuses
+  the VAE of an existing model folder instead (the bundled model's, to retrain only the UNet and text encoder).
 - Stage 2: the frozen VAE encodes every scene once (latent mean and std cached on disk); the latent scaling
   factor is set to 1/std of the latents. UNet + text encoder train on epsilon prediction with min-SNR-5 weighting
   (as the timestep distribution), two noise draws per encoded caption, 10% empty captions (so classifier-free
@@ -22,6 +23,7 @@ API: `PretrainConfig`, `pretrain(config) -> Path`, `export_pipeline(pipe, out_di
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import random
@@ -33,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from spectral_diffusion.atomic import atomic_directory, atomic_write
 from spectral_diffusion.errors import SpectralDiffusionError
@@ -48,11 +50,12 @@ class PretrainConfig:
     out: Path
     model_dir: Path = toy_model.MODEL_DIR
     vae_minutes: float = 10.0
-    unet_minutes: float = 45.0
+    unet_minutes: float = 60.0
     num_scenes: int = 50_000
     vae_batch: int = 32  # half scenes, half clutter
     unet_batch: int = 64  # UNet samples per step: unet_batch / noise_draws scenes and captions
     noise_draws: int = 2  # noise draws per encoded caption: the text encoder is a third of a step's time
+    vae_from: Path | None = None  # a diffusers folder whose VAE is reused: stage 1 is skipped
     vae_lr: float = 1e-3
     unet_lr: float = 1e-3
     warmup_steps: int = 300
@@ -200,6 +203,17 @@ def train_vae(cfg: PretrainConfig, pixels: torch.Tensor, log: Logger) -> tuple[t
     return vae.eval(), state["step"]
 
 
+def import_vae(folder: Path, device: str) -> tuple[torch.nn.Module, str]:
+    """Stage 1 replaced by the VAE of an existing diffusers folder (fp32), identified by its weights' digest."""
+    folder = Path(folder)
+    weights = sorted((folder / "vae").glob("*.safetensors"))
+    if not weights:
+        raise SpectralDiffusionError(f"--vae-from {folder}: no vae/*.safetensors in that folder")
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32).to(device)
+    digest = hashlib.sha256(weights[0].read_bytes()).hexdigest()[:16]
+    return vae.eval(), f"imported:{digest}"
+
+
 @torch.no_grad()
 def vae_psnr(vae: torch.nn.Module, x: torch.Tensor) -> float:
     """Reconstruction PSNR (posterior mean) of images `x` in [-1, 1]."""
@@ -211,19 +225,19 @@ def vae_psnr(vae: torch.nn.Module, x: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def encode_scenes(vae: torch.nn.Module, vae_step: int, pixels: torch.Tensor, path: Path,
+def encode_scenes(vae: torch.nn.Module, vae_id: int | str, pixels: torch.Tensor, path: Path,
                   log: Logger) -> dict:
-    """Latent mean/std of every scene, cached (fp16) at `path` for the VAE of step `vae_step`."""
+    """Latent mean/std of every scene, cached (fp16) at `path` for the VAE `vae_id` (its step count, or the digest of an imported one)."""
     if path.is_file():
         cached = torch.load(path)
-        if cached["vae_step"] == vae_step:
+        if cached["vae_id"] == vae_id:
             return cached
     means, stds = [], []
     for chunk in pixels.split(256):
         dist = vae.encode(chunk.float().div(127.5).sub(1.0).to(vae.device)).latent_dist
         means.append(dist.mean.half().cpu())
         stds.append(dist.std.half().cpu())
-    latents = {"mean": torch.cat(means), "std": torch.cat(stds), "vae_step": vae_step}
+    latents = {"mean": torch.cat(means), "std": torch.cat(stds), "vae_id": vae_id}
     atomic_save(latents, path)
     log(f"encoded {len(pixels)} scenes -> latents {tuple(latents['mean'].shape)}")
     return latents
@@ -239,10 +253,10 @@ def train_unet(cfg: PretrainConfig, pipe: StableDiffusionPipeline, specs: list[r
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
-    state: dict = {"step": 0, "seconds": 0.0, "vae_step": latents["vae_step"]}
+    state: dict = {"step": 0, "seconds": 0.0, "vae_id": latents["vae_id"]}
     if cfg.resume and ckpt.is_file():
         saved = torch.load(ckpt, weights_only=False, map_location=cfg.device)
-        if saved["state"]["vae_step"] != latents["vae_step"]:
+        if saved["state"]["vae_id"] != latents["vae_id"]:
             raise SpectralDiffusionError(f"{ckpt} was trained on the latents of another VAE: delete it to restart "
                                          "the UNet stage")
         for module, key in ((unet, "unet"), (text_encoder, "text"), (ema_unet, "ema_unet"), (ema_text, "ema_text")):
@@ -351,9 +365,14 @@ def pretrain(cfg: PretrainConfig) -> Path:
     specs, pixels = scene_dataset(cfg.num_scenes, cfg.seed)
     log(f"rendered {len(specs)} scenes in {time.perf_counter() - start:.1f} s")
 
-    vae, vae_step = train_vae(cfg, pixels, log)
+    if cfg.vae_from is not None:
+        vae, vae_id = import_vae(cfg.vae_from, cfg.device)
+        log(f"vae: reused from {cfg.vae_from} ({vae_id}), held-out PSNR "
+            f"{vae_psnr(vae, pixels[-256:].float().div(127.5).sub(1.0).to(cfg.device)):.2f} dB")
+    else:
+        vae, vae_id = train_vae(cfg, pixels, log)
     vae.requires_grad_(False)
-    latents = encode_scenes(vae, vae_step, pixels, cfg.out / "latents.pt", log)
+    latents = encode_scenes(vae, vae_id, pixels, cfg.out / "latents.pt", log)
     scale = 1.0 / latents["mean"].float().std().item()
     log(f"latent scaling factor {scale:.4f}")
 

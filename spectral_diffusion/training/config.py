@@ -53,6 +53,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     noise_offset: float = 0.01
     snr_gamma: float = 0.0  # 0: off
+    # interference control: weight of the text-side locality term (trainer.locality_loss); 0: off
+    locality_weight: float = 0.0
     # tokens
     num_vectors: int = 2
     emb_norm_cap: float | None = None  # None: 1.4x the vocabulary's mean row norm; 0: off
@@ -93,7 +95,8 @@ class TrainConfig:
         non_negative = {"lr-unet": self.lr_unet or 0, "lr-text": self.lr_text or 0, "lr-emb": self.lr_emb,
                         "warmup-steps": self.warmup_steps or 0, "weight-decay": self.weight_decay,
                         "prior-weight": self.prior_weight, "noise-offset": self.noise_offset,
-                        "snr-gamma": self.snr_gamma, "emb-norm-cap": self.emb_norm_cap or 0,
+                        "snr-gamma": self.snr_gamma, "locality-weight": self.locality_weight,
+                        "emb-norm-cap": self.emb_norm_cap or 0,
                         "checkpoint-every": self.checkpoint_every, "validate-every": self.validate_every,
                         "preview-images": self.preview_images, "max-grad-norm": self.max_grad_norm}
         for name, value in positive.items():

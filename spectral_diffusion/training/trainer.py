@@ -34,6 +34,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from spectral_diffusion.adapters import adapter_state, conv_kernels, inject_adapters, trainable_parameters
+from spectral_diffusion.adapters.inject import adapter_disabled
+from spectral_diffusion.adapters.targets import is_text_fed
 from spectral_diffusion.atomic import atomic_write
 from spectral_diffusion.band_registry import BandUse, choose_band, register_band
 from spectral_diffusion.concept_file import Concept, ConceptMeta, save_concept
@@ -106,6 +108,11 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, fl
     weight = floor + (1 - floor) * F.interpolate(masks.float(), size=pred.shape[-2:], mode="area")
     err = (pred.float() - target.float()).square() * weight
     return err.sum((1, 2, 3)) / (weight.sum((1, 2, 3)) * pred.shape[1]).clamp_min(1e-8)
+
+
+def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE relative to the target's mean square: layers of any scale weigh alike."""
+    return F.mse_loss(pred.float(), target.float()) / target.float().square().mean().clamp_min(1e-12)
 
 
 def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -294,9 +301,10 @@ class Trainer:
             "grad_accum": c.grad_accum, "resolution": self.resolution, "lr_unet": lr_unet, "lr_text": lr_text,
             "lr_emb": lr_emb, "warmup_steps": self.warmup, "weight_decay": c.weight_decay,
             "max_grad_norm": c.max_grad_norm, "seed": c.seed, "noise_offset": c.noise_offset,
-            "snr_gamma": c.snr_gamma, "num_vectors": c.num_vectors, "emb_norm_cap": self.norm_cap,
+            "snr_gamma": c.snr_gamma, "locality_weight": c.locality_weight, "num_vectors": c.num_vectors, "emb_norm_cap": self.norm_cap,
             "prior_weight": c.prior_weight if self.prior else 0.0, "mask_floor": c.mask_floor, "flip": c.flip,
             "images": [e.name for e in self.data.examples],
+            "captions": sorted({e.caption for e in self.data.examples}),  # what closed-form fusion re-encodes
             "prior_images": len(self.prior) if self.prior else 0,
             "processes": self.accelerator.num_processes,
         }
@@ -377,7 +385,37 @@ class Trainer:
         loss = per_sample[:n].mean()
         if self.prior is not None:
             loss = loss + self.config.prior_weight * per_sample[n:].mean()
+        if self.config.locality_weight > 0:
+            loss = loss + self.config.locality_weight * self.locality_loss(batch["captions"][:n], generator)
         return loss
+
+    def locality_loss(self, captions: list[str], generator: torch.Generator) -> torch.Tensor:
+        """Text-side interference control: on prompts that do not carry this concept's token, the adapted text
+        encoder and cross-attention keys/values give the base model's outputs (relative MSE, averaged over them).
+
+        Two kinds of such prompts come from this step's captions: the token dropped (ordinary prompts), and the
+        token's vectors replaced by random ones of the same norms (a foreign token: what another concept puts there
+        once fused). Needs text encodings only, no UNet pass; only the adapters get its gradient.
+        """
+        token, device = self.config.token, self.accelerator.device
+        ordinary = [" ".join(c.replace(token, " ").split()) for c in captions]
+        ids = self._encode_captions(ordinary + captions).to(device)
+        rows = self.embeddings.rows.detach()
+        foreign = torch.randn(rows.shape, generator=generator).to(rows)
+        foreign = foreign * rows.norm(dim=1, keepdim=True) / foreign.norm(dim=1, keepdim=True)
+        encoder = self.pipe.text_encoder
+        kv = [w for name, w in self.wrappers.items() if name.startswith("unet.") and is_text_fed(name)]
+
+        def encode() -> torch.Tensor:
+            with self.embeddings.replaced(foreign):
+                return encoder(ids)[0]  # ordinary prompts hold no token: the replacement acts on the others only
+
+        with torch.no_grad(), adapter_disabled(self.wrappers, ADAPTER_NAME):
+            base = encode()
+            base_kv = [w.base(base) for w in kv]
+        adapted = encode()
+        terms = [relative_mse(adapted, base)] + [relative_mse(w(adapted), b) for w, b in zip(kv, base_kv, strict=True)]
+        return torch.stack(terms).mean()
 
     def _train_step(self, step: int) -> float:
         """One optimizer step of `grad_accum` micro-batches; returns the mean loss."""
