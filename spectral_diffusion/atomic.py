@@ -1,9 +1,17 @@
-"""Atomic writes: a reader (or a crash) never sees a half-written file or folder, and an existing one is
-replaced only once its successor is complete."""
+"""Atomic, durable writes: a reader (or a crash, or a power loss) never sees a half-written file or folder, and an
+existing one is replaced only once its successor is complete.
+
+The successor is written to a hidden temp sibling `.<name>.<hex>.tmp`, every file in it is fsynced, it is renamed
+over `<name>`, and the parent folder is fsynced so the rename itself is on disk. A run killed mid-write leaves its
+temp sibling (or a replaced folder's `.<name>.<hex>.old`) behind; the next atomic write of the same output removes
+those, except any that a live writer holds: each writer keeps an advisory lock (`flock`) on its temp file or folder.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,17 +23,79 @@ def _sibling(path: Path, suffix: str) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.{suffix}")
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a fresh temp path beside `path`, then rename it over `path`.
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    The temp file is created by `write` itself, so it gets the usual permissions (mkstemp's would be 0600).
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root`, `root` itself last."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync(Path(folder, name))
+        _fsync(Path(folder))
+
+
+@contextmanager
+def _held(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `path` (a file or a folder) for the block: it is in use, not litter."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_stale_siblings(path: str | Path) -> list[Path]:
+    """Remove `.<name>.<hex>.tmp` / `.old` siblings of `path` that no live writer holds; returns what was removed."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{12}}\.(tmp|old)")
+    removed = []
+    for candidate in sorted(path.parent.iterdir()) if path.parent.is_dir() else ():
+        if not pattern.fullmatch(candidate.name):
+            continue
+        try:
+            fd = os.open(candidate, os.O_RDONLY)
+        except OSError:
+            continue  # gone meanwhile, or unreadable: not ours to judge
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # a running writer holds it
+        try:
+            if candidate.is_dir() and not candidate.is_symlink():
+                shutil.rmtree(candidate)
+            else:
+                candidate.unlink()
+            removed.append(candidate)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a fresh temp path beside `path`, fsync it, then rename it over `path`.
+
+    The temp file is created empty before `write` runs (with the usual permissions: umask applies, unlike
+    mkstemp's 0600) and `write` may reopen or truncate it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
     tmp = _sibling(path, "tmp")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with _held(tmp):
+            write(tmp)
+            _fsync(tmp)
+            os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -33,20 +103,27 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 @contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temp folder beside `path`; on success it takes `path`'s place (an old folder is removed after)."""
+    """Yield a temp folder beside `path`; on success, with every file in it fsynced, it takes `path`'s place (an
+    old folder is removed after)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
     tmp = _sibling(path, "tmp")
     tmp.mkdir()
     try:
-        yield tmp
-        if path.exists():
-            old = _sibling(path, "old")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
+        with _held(tmp):
+            yield tmp
+            _fsync_tree(tmp)
+            if path.exists():
+                old = _sibling(path, "old")
+                with _held(path):  # the lock follows the folder to `old`: no other writer's cleanup touches it
+                    path.rename(old)
+                    tmp.rename(path)
+                    _fsync(path.parent)
+                    shutil.rmtree(old)
+            else:
+                tmp.rename(path)
+                _fsync(path.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

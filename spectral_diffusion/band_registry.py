@@ -99,6 +99,9 @@ def choose_band(requested: int | str, rank: int, fingerprint: str, out: str | Pa
     band = 0
     while any(u.overlaps(band, rank) for u in others):
         band += 1
+    if band:  # if this band does not fit the model, the error that follows must not send the user to a lower one
+        taken = sorted({u.token for u in others if u.band * u.rank < band * rank})
+        log.info("--band auto: bands 0 to %d at rank %d are taken by %s", band - 1, rank, ", ".join(taken))
     return band
 
 

@@ -48,9 +48,12 @@ def check_band_fits(layer_name: str, shape: tuple[int, ...] | torch.Size, band: 
     end = (band + 1) * rank
     limit = min(shape[0], shape[1])
     if end > limit:
+        fitting = limit // rank
+        # No "use a lower band": with --band auto the lower bands may all be taken by other concepts.
+        fits = f"only bands 0 to {fitting - 1} fit it at rank {rank}" if fitting else f"rank {rank} is too large"
         raise SpectralDiffusionError(
             f"band {band} at rank {rank} needs singular vectors up to column {end}, but layer {layer_name} "
-            f"({shape[0]}x{shape[1]}) has only min(out, in) = {limit}; use a lower band or rank"
+            f"({shape[0]}x{shape[1]}) has only min(out, in) = {limit}: {fits}"
         )
 
 

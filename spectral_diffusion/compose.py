@@ -19,8 +19,17 @@ from diffusers import StableDiffusionPipeline
 from spectral_diffusion.adapters.inject import load_adapter, remove_adapters
 from spectral_diffusion.adapters.layers import AdapterLayer
 from spectral_diffusion.concept_file import Concept, load_concept
+from spectral_diffusion.errors import check_number
 from spectral_diffusion.fingerprint import base_fingerprint
 from spectral_diffusion.fusion import add_tokens, check_concepts
+
+# Concept weights beyond this only saturate the image (and overflow in fp16); negative ones subtract a concept.
+MAX_WEIGHT = 100.0
+
+
+def check_weight(weight: object, concept: str | Path) -> float:
+    """A concept's weight as a float; NaN, infinities and weights beyond +-MAX_WEIGHT are refused in one line."""
+    return check_number(weight, f"the weight of {Path(concept).name}", low=-MAX_WEIGHT, high=MAX_WEIGHT)
 
 
 @dataclass(frozen=True)
@@ -61,7 +70,7 @@ class Composer:
 
     def set_concepts(self, concepts: Mapping[str | Path, float]) -> None:
         """Make exactly `concepts` (path -> weight) live. Every check runs before the pipeline changes."""
-        wanted = {Path(p).expanduser().resolve(): float(w) for p, w in concepts.items()}
+        wanted = {Path(p).expanduser().resolve(): check_weight(w, p) for p, w in concepts.items()}
         entries = {path: self._load(path) for path in wanted}
         removed = [p for p, live in self._live.items() if entries.get(p) is not live.entry]  # gone, or file changed
         if any(p not in self._live or p in removed for p in wanted):  # a subset of a checked set needs no check

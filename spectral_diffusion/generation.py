@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -36,8 +37,15 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from spectral_diffusion.atomic import atomic_write
-from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.errors import SpectralDiffusionError, check_number
 from spectral_diffusion.regional import ConceptScope, Region, check_region_mode, regional_prompting
+
+# Seeds are A1111's 32-bit ones (the app's and the CLI's rule alike); -1 asks for a random seed (`resolve_seed`).
+MAX_SEED = 2**32 - 1
+MAX_GUIDANCE = 100.0
+# The largest canvas `generate` draws unless told otherwise (1024x1024, twice SD 1.5's native side): a typo such as
+# 100000x16 is refused in one line instead of running for hours or running out of memory.
+MAX_PIXELS = 1024 * 1024
 
 # CLI name -> (diffusers class, config overrides, A1111 sampler name).
 SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict, str]] = {
@@ -81,8 +89,10 @@ class GenerationSettings:
             raise SpectralDiffusionError(f"steps must be >= 1, got {self.steps}")
         if self.n < 1:
             raise SpectralDiffusionError(f"the number of images must be >= 1, got {self.n}")
-        if self.guidance < 0:
-            raise SpectralDiffusionError(f"guidance scale must be >= 0, got {self.guidance:g}")
+        object.__setattr__(self, "guidance", check_number(self.guidance, "guidance scale", low=0, high=MAX_GUIDANCE))
+        if not 0 <= self.seed <= MAX_SEED:
+            raise SpectralDiffusionError(f"seed must be between 0 and {MAX_SEED} (or -1 for a random seed), "
+                                         f"got {self.seed}")
         if self.scheduler not in SCHEDULERS:
             raise SpectralDiffusionError(
                 f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
@@ -109,6 +119,33 @@ def size_multiple(pipe: StableDiffusionPipeline) -> int:
     return math.lcm(8, pipe.vae_scale_factor)
 
 
+def resolve_seed(seed: int | None) -> int:
+    """A1111's convention, shared by the CLI and the app: -1 (or None) draws a fresh random seed; others are kept.
+
+    Any other negative seed is left for `GenerationSettings` to refuse.
+    """
+    return random.SystemRandom().randint(0, MAX_SEED) if seed is None or seed == -1 else seed
+
+
+def check_canvas(width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse a canvas of more than `max_pixels` pixels (checked before any model is loaded)."""
+    if width * height > max_pixels:
+        raise SpectralDiffusionError(
+            f"size {width}x{height} is {width * height} pixels, over the limit of {max_pixels} "
+            f"(raise it with --max-pixels if this machine can draw that much)")
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """`path` as a folder that exists or can be made: refused when it, or a folder above it, is not a folder."""
+    out = Path(path)
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise SpectralDiffusionError(f"output folder {out}: {folder} is a file, not a folder")
+            break
+    return out
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """`"512x768"` -> (512, 768) as (width, height)."""
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
@@ -118,8 +155,11 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, *, model: str = "",
-             concepts: Mapping[str, float] | None = None, scope: ConceptScope | None = None) -> list[GeneratedImage]:
+             concepts: Mapping[str, float] | None = None, scope: ConceptScope | None = None,
+             max_pixels: int = MAX_PIXELS) -> list[GeneratedImage]:
     """Sample `settings.n` images; `model` and `concepts` (label -> weight) only go into the PNG metadata.
+
+    A canvas of more than `max_pixels` pixels is refused.
 
     `scope` (`Composer.scope` of the live concepts): in latent region mode each region applies only the concepts its
     prompt names.
@@ -130,6 +170,7 @@ def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, *, mod
     step = size_multiple(pipe)
     if width % step or height % step or width <= 0 or height <= 0:
         raise SpectralDiffusionError(f"size {width}x{height} must be positive multiples of {step} for this model")
+    check_canvas(width, height, max_pixels)
     seeds = [settings.seed + i for i in range(settings.n)]
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     previous = pipe.scheduler
@@ -201,7 +242,7 @@ def save_images(images: Sequence[GeneratedImage], out_dir: str | Path) -> list[P
     Each PNG is written to a temporary file and hard-linked to its final name, which fails instead of clobbering a
     file that appeared meanwhile (the index is then bumped), so a reader never sees a half-written image.
     """
-    out = Path(out_dir)
+    out = check_output_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     index = 1 + max((int(m[1]) for p in out.iterdir() if (m := _NAME.fullmatch(p.name))), default=-1)
     written = []

@@ -3,7 +3,8 @@
 Every command takes the same flags (`add_base_arguments`), so a model that trains also fuses and generates.
 Single files load fully offline: diffusers' own converter with the SD 1.5 configs shipped in `configs/sd15/`
 (or `--config DIR` for a model with other shapes). Pickled checkpoints can run code when unpickled, so they are
-refused unless the user passes `--allow-pickle`.
+refused unless the user passes `--allow-pickle`: a single `.ckpt` file, and a diffusers folder whose component
+holds only pickled weights (`unet/diffusion_pytorch_model.bin`).
 """
 
 from __future__ import annotations
@@ -75,10 +76,10 @@ def _load(
                 f"the bundled toy model is missing ({MODEL_DIR}): run `spectral-diffusion toyworld pretrain` "
                 "or pass --base with another model"
             )
-        return _load_folder(MODEL_DIR, dtype)
+        return _load_folder(MODEL_DIR, dtype, allow_pickle)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _load_folder(path, dtype)
+        return _load_folder(path, dtype, allow_pickle)
     if path.is_file():
         return _load_single_file(path, dtype, allow_pickle, config)
     if _looks_like_path(spec):
@@ -96,7 +97,7 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
-def _load_folder(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
+def _load_folder(path: Path, dtype: torch.dtype, allow_pickle: bool) -> StableDiffusionPipeline:
     index = path / "model_index.json"
     if not index.is_file():
         raise SpectralDiffusionError(f"{path} is a folder without model_index.json: not a diffusers pipeline")
@@ -110,9 +111,30 @@ def _load_folder(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
     if missing or "text_encoder_2" in components:
         kind = components.get("_class_name", "an unknown pipeline")
         raise SpectralDiffusionError(f"{path} holds {kind}, not a Stable Diffusion 1.x pipeline")
+    if not allow_pickle:
+        _refuse_pickled_components(path, components)
+    # use_safetensors: without --allow-pickle diffusers must not fall back to a pickle beside the safetensors files
     return _wrap_load_errors(
-        f"{path}", lambda: StableDiffusionPipeline.from_pretrained(path, dtype=dtype, **_NO_SAFETY), hint=""
+        f"{path}",
+        lambda: StableDiffusionPipeline.from_pretrained(
+            path, dtype=dtype, use_safetensors=None if allow_pickle else True, **_NO_SAFETY
+        ),
+        hint="",
     )
+
+
+def _refuse_pickled_components(path: Path, components: dict) -> None:
+    """Refuse a component folder whose weights are pickles only (diffusers prefers .safetensors when both exist)."""
+    for name in components:
+        folder = path / name
+        if not folder.is_dir() or any(folder.glob("*.safetensors")):
+            continue
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            raise SpectralDiffusionError(
+                f"{folder / pickles[0]}: the {name} weights are Python pickles that can run code when loaded; "
+                "convert them to .safetensors, or pass --allow-pickle if you trust their source"
+            )
 
 
 def _load_single_file(

@@ -33,7 +33,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from PIL import Image
 
-from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.errors import SpectralDiffusionError, check_number
 
 Box = tuple[float, float, float, float]
 Window = tuple[slice, slice]
@@ -42,6 +42,8 @@ ConceptScope = Callable[[str], AbstractContextManager]
 
 # How regions are drawn: blended cross-attention outputs, or per-region denoising of latent windows.
 REGION_MODES = ("attention", "latent")
+# A mask image is decoded whole and resized to the canvas; a larger one (a decompression bomb) is refused from its header.
+MAX_MASK_PIXELS = 8192 * 8192
 
 
 def check_region_mode(mode: str) -> str:
@@ -72,13 +74,27 @@ class Region:
                 raise SpectralDiffusionError(
                     f"region {self.prompt!r}: box {x0:g},{y0:g},{x1:g},{y1:g} must satisfy 0 <= x0 < x1 <= 1 and "
                     "0 <= y0 < y1 <= 1 (relative to the image width and height)")
-        if self.feather < 0:
-            raise SpectralDiffusionError(f"region {self.prompt!r}: feather must be >= 0, got {self.feather:g}")
+        check_number(self.feather, f"region {self.prompt!r}: feather", low=0)
+        if self.mask_path is not None:
+            _check_mask(self.prompt, self.mask_path)
 
     def describe(self) -> str:
         """`prompt:where` in the syntax `parse_region` reads (for PNG metadata)."""
         where = str(self.mask_path) if self.box is None else ",".join(f"{v:g}" for v in self.box)
         return f"{self.prompt}:{where}"
+
+
+def _check_mask(prompt: str, path: Path) -> None:
+    """Refuse a mask file that is not an image, is larger than `MAX_MASK_PIXELS` (read from its header) or is cut off."""
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_MASK_PIXELS:
+                raise SpectralDiffusionError(f"region {prompt!r}: mask image {path} is {img.width}x{img.height}, "
+                                             f"more than {MAX_MASK_PIXELS} pixels")
+            img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise SpectralDiffusionError(
+            f"region {prompt!r}: {path} is not a readable image ({type(exc).__name__})") from None
 
 
 def parse_region(spec: str, *, negative: str | None = None, feather: float = 0.0) -> Region:

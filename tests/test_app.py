@@ -6,10 +6,15 @@ unexpected failure is reported.
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 import socket
+import sys
 from pathlib import Path
 
+import gradio as gr
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -18,10 +23,12 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 from safetensors.torch import save_file
 
+from spectral_diffusion.cli import _MessageFormat as MessageFormat
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.generation import GenerationSettings
 from spectral_diffusion.models import load_base
 from spectral_diffusion.training.trainer import TrainConfig, train
+from spectral_diffusion.ui.app import _user_errors as user_errors
 from spectral_diffusion.ui.app import launch
 from spectral_diffusion.ui.backend import INTERNAL_ERROR, Backend, BaseModel
 from spectral_diffusion.ui.concepts import list_concepts
@@ -153,11 +160,40 @@ def test_two_region_generate(served):
     ({"concepts": {"../dogA": 1.0}}, "invalid concept name '../dogA'"),
     ({"width": 20}, "size 20x24 must be positive multiples of 8"),
     ({"regions": {"headers": HEADERS, "data": [["a dog", 0, 0, 1.5, 1, ""]]}}, "0 &lt;= x0 &lt; x1 &lt;= 1"),
+    ({"concepts": {"dogA": "heavy"}}, "the weight of dogA must be a number, got 'heavy'"),
+    ({"concepts": {"dogA": 1e6}}, "the weight of dogA must be a finite number between -100 and 100, got 1e"),
+    ({"seed": -7}, r"seed must be between 0 and 4294967295 \(or -1 for a random seed\), got -7"),
+    ({"num_images": 1.5}, "number of images must be a whole number, got 1.5"),
 ])
 def test_generate_mistakes_are_clear_messages(served, overrides, message):
     client, _ = served
     with pytest.raises(AppError, match=message):
         generate(client, **overrides)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"guidance_scale": float("nan")}, "guidance scale must be a finite number between 0 and 100, got nan"),
+    ({"concepts": {"dogA": float("nan")}}, "the weight of dogA must be a finite number between -100 and 100"),
+    ({"concepts": {"dogA": float("-inf")}}, "the weight of dogA must be a finite number between -100 and 100"),
+    ({"steps": float("nan")}, "steps must be a finite number, got nan"),
+    ({"width": float("nan")}, "width must be a finite number, got nan"),
+    ({"region_feather": float("nan"), "regions": {"headers": HEADERS, "data": [["a dog", 0, 0, 0.5, 1, ""]]}},
+     "region feather must be a finite number of at least 0, got nan"),
+])
+def test_non_finite_numbers_sent_to_the_api_are_refused(served, overrides, message):
+    """gradio_client refuses to send NaN and Infinity; any other HTTP client can, as JSON's NaN / Infinity.
+
+    (Gradio's sliders refuse an infinity themselves, as out of their range; NaN passes their range check.)"""
+    client, backend = served
+    before = sorted(backend.output_dir.rglob("*.png"))
+    args = dict(prompt="a photo of <dogA> dog", negative_prompt="", concepts={}, seed=7, steps=2, guidance_scale=7.0,
+                width=16, height=24, scheduler="euler", num_images=1, regions={"headers": HEADERS, "data": []},
+                region_feather=0.0)
+    url = f"{client.src.rstrip('/')}/gradio_api/call/v2/generate"
+    posted = httpx.post(url, content=json.dumps({**args, **overrides}), headers={"content-type": "application/json"})
+    events = httpx.get(f"{url}/{posted.json()['event_id']}", timeout=60).text
+    assert "event: error" in events and message in events, events
+    assert sorted(backend.output_dir.rglob("*.png")) == before
 
 
 def test_unexpected_failures_show_a_generic_message(served, monkeypatch):
@@ -171,6 +207,23 @@ def test_unexpected_failures_show_a_generic_message(served, monkeypatch):
         generate(client)
     assert str(err.value.message) == INTERNAL_ERROR
     assert "secret" not in str(err.value)
+
+
+def test_server_log_has_the_traceback_of_a_failed_job(capsys):
+    """The CLI's log handler (which `spectral-diffusion app` runs under) prints the traceback under the line."""
+    logger = logging.getLogger("spectral_diffusion")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(MessageFormat())
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(gr.Error) as shown, user_errors("generate"):
+            raise RuntimeError("secret internal detail")
+    finally:
+        logger.removeHandler(handler)
+    assert shown.value.message == INTERNAL_ERROR
+    log = capsys.readouterr().err
+    assert log.startswith("warning: generate failed\nTraceback (most recent call last):\n")
+    assert log.endswith("RuntimeError: secret internal detail\n")
 
 
 @pytest.mark.parametrize(("content", "name", "message"), [

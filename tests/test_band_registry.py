@@ -8,10 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from spectral_diffusion.band_registry import BandUse, choose_band, register_band, registry_path, used_bands
 from spectral_diffusion.concept_file import Concept, ConceptMeta, save_concept
 from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.fingerprint import base_fingerprint
+from spectral_diffusion.training.config import TrainConfig
+from spectral_diffusion.training.trainer import Trainer
 
 FP = "0123456789abcdef"
 
@@ -105,3 +109,24 @@ def test_default_registry_lives_beside_the_svd_cache(tmp_path: Path, monkeypatch
 def test_missing_concepts_dir_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SpectralDiffusionError, match="concepts folder .* does not exist"):
         used_bands(FP, tmp_path / "nope", cache_dir=tmp_path)
+
+
+def test_auto_with_every_band_taken_does_not_send_the_user_to_a_lower_band(tmp_path: Path, tiny_pipe,
+                                                                             monkeypatch: pytest.MonkeyPatch,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("SPECTRAL_DIFFUSION_CACHE", str(tmp_path / "cache"))
+    fingerprint = base_fingerprint(tiny_pipe.unet, tiny_pipe.text_encoder)
+    for band in range(8):  # every rank-4 band the tiny model's smallest targeted layer has
+        register_band(fingerprint, _use(tmp_path / f"c{band}.safetensors", band, 4))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (16, 16), "red").save(photos / "a.png")
+    config = TrainConfig(photo_dir=photos, token="<new>", class_word="dog", out=tmp_path / "new.safetensors",
+                         base="unused", steps=1, rank=4, preview_images=0, checkpoint_every=0)
+    with caplog.at_level(logging.INFO), pytest.raises(SpectralDiffusionError) as info:
+        Trainer(config, pipe=tiny_pipe)
+    message = str(info.value)
+    assert message.startswith("band 8 at rank 4 needs singular vectors up to column 36") and "lower band" not in message
+    assert message.endswith("only bands 0 to 7 fit it at rank 4")
+    assert "--band auto: bands 0 to 7 at rank 4 are taken by <c0>, <c1>, <c2>, <c3>, <c4>, <c5>, <c6>, <c7>" \
+        in caplog.text

@@ -139,3 +139,12 @@ def test_latent_regions_apply_each_live_concept_only_in_its_own_region(tiny_pipe
     assert (unscoped[..., :8] - left).abs().max() > 1e-3
     assert all(layer.scales[name] == 1.0 for layer in adapter_layers(tiny_pipe.unet, tiny_pipe.text_encoder).values()
                for name in layer.scales)
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), -float("inf"), 1e300, "heavy"])
+def test_non_finite_or_absurd_weights_are_refused_before_anything_changes(tiny_pipe, paths, weight) -> None:
+    composer = Composer(tiny_pipe)
+    composer.set_concepts({paths[0]: 1.0})
+    with pytest.raises(SpectralDiffusionError, match=f"the weight of {paths[1].name} must be a"):
+        composer.set_concepts({paths[0]: 0.5, paths[1]: weight})
+    assert composer.concepts == {paths[0].resolve(): 1.0}

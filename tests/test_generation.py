@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,16 +12,20 @@ from spectral_diffusion.cli import main
 from spectral_diffusion.concept_file import save_concept
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.generation import (
+    MAX_SEED,
     GeneratedImage,
     GenerationSettings,
+    check_canvas,
     generate,
     infotext,
     make_scheduler,
     native_size,
     parse_size,
+    resolve_seed,
     save_images,
 )
 from spectral_diffusion.regional import Region
+from spectral_diffusion.testing.images import png_header
 from spectral_diffusion.testing.tiny_sd import random_concept
 
 
@@ -148,3 +154,73 @@ def test_cli_generate_region_mode(tmp_path, tiny_model_dir, capsys) -> None:
         assert a.text["parameters"].endswith("Region mode: latent")
         assert "Region mode" not in b.text["parameters"]
         assert not np.array_equal(_pixels(a), _pixels(b))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"guidance": float("nan")}, "guidance scale must be a finite number between 0 and 100, got nan"),
+    ({"guidance": float("inf")}, "guidance scale must be a finite number between 0 and 100, got inf"),
+    ({"guidance": 1e3}, "guidance scale must be a finite number between 0 and 100, got 1000"),
+    ({"seed": -5}, r"seed must be between 0 and 4294967295 \(or -1 for a random seed\), got -5"),
+    ({"seed": 18446744073709551615}, "seed must be between 0 and 4294967295"),
+])
+def test_settings_refuse_non_finite_and_out_of_range_numbers(kwargs, message) -> None:
+    with pytest.raises(SpectralDiffusionError, match=message):
+        GenerationSettings("a dog", **kwargs)
+
+
+def test_seed_minus_one_draws_a_random_seed_for_the_cli_and_the_app_alike() -> None:
+    drawn = {resolve_seed(-1) for _ in range(4)} | {resolve_seed(None)}
+    assert len(drawn) > 1 and all(0 <= s <= MAX_SEED for s in drawn)
+    assert resolve_seed(5) == 5 and resolve_seed(-2) == -2  # refused by GenerationSettings, as above
+
+
+def test_canvas_is_bounded(tiny_pipe) -> None:
+    check_canvas(1024, 1024)
+    with pytest.raises(SpectralDiffusionError, match="size 100000x16 is 1600000 pixels, over the limit of 1048576"):
+        check_canvas(100000, 16)
+    with pytest.raises(SpectralDiffusionError, match="over the limit of 255 .*--max-pixels"):
+        generate(tiny_pipe, GenerationSettings("a dog", steps=1), max_pixels=255)  # native 16x16 = 256 pixels
+    [image] = generate(tiny_pipe, GenerationSettings("a dog", steps=1), max_pixels=256)
+    assert image.image.size == (16, 16)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--concepts", "x.safetensors", "--weights", "nan"], "the weight of x.safetensors must be a finite number"),
+    (["--concepts", "x.safetensors", "--weights", "inf"], "the weight of x.safetensors must be a finite number"),
+    (["--concepts", "x.safetensors", "--weights", "1e309"], "got inf"),
+    (["--guidance", "nan"], "guidance scale must be a finite number between 0 and 100, got nan"),
+    (["--guidance=-inf"], "guidance scale must be a finite number between 0 and 100, got -inf"),
+    (["--seed", "18446744073709551615"], "seed must be between 0 and 4294967295"),
+    (["--seed", "-2"], r"seed must be between 0 and 4294967295 \(or -1 for a random seed\), got -2"),
+    (["--size", "100000x16"], "size 100000x16 is 1600000 pixels, over the limit of 1048576"),
+    (["--size", "32x32", "--max-pixels", "1000"], "size 32x32 is 1024 pixels, over the limit of 1000"),
+    (["--max-pixels", "0"], "--max-pixels must be >= 1, got 0"),
+    (["--region", "a cat:{tmp}/notes.txt"], r"region 'a cat': .*notes.txt is not a readable image"),
+    (["--region", "a cat:{tmp}/bomb.png"], r"region 'a cat': .*bomb.png is not a readable image"),
+    (["--region", "a cat:{tmp}/large.png"], r"mask image .*large.png is 9000x8000, more than 67108864 pixels"),
+    (["--out", "{tmp}/notes.txt"], r"output folder .*notes.txt: .*notes.txt is a file, not a folder"),
+    (["--out", "{tmp}/notes.txt/images"], r"notes.txt is a file, not a folder"),
+])
+def test_cli_generate_refuses_bad_numbers_and_files_before_loading_the_model(tmp_path, capsys, args,
+                                                                              message) -> None:
+    (tmp_path / "notes.txt").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (tmp_path / "bomb.png").write_bytes(png_header(100_000, 100_000))  # PIL's own bomb limit
+    (tmp_path / "large.png").write_bytes(png_header(9000, 8000))  # under PIL's limit, over ours
+    before = sorted(tmp_path.iterdir())
+    base = ["--prompt", "a dog", "--base", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out")]
+    assert main(["generate", *base, *(a.format(tmp=tmp_path) for a in args)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and re.search(message, err), err
+    assert sorted(tmp_path.iterdir()) == before and (tmp_path / "notes.txt").read_text().startswith("root")
+
+
+def test_cli_generate_seed_minus_one_and_raised_canvas(tmp_path, tiny_model_dir, capsys) -> None:
+    base = ["--prompt", "a dog", "--base", str(tiny_model_dir), "--device", "cpu", "--steps", "1"]
+    assert main(["generate", *base, "--seed", "-1", "--out", str(tmp_path / "a")]) == 0
+    [png] = (tmp_path / "a").iterdir()
+    assert re.fullmatch(r"00000-\d+\.png", png.name) and 0 <= int(png.stem.split("-")[1]) <= MAX_SEED
+    with Image.open(png) as image:
+        assert f"Seed: {png.stem.split('-')[1]}," in image.text["parameters"]
+    assert main(["generate", *base, "--size", "24x16", "--max-pixels", "384", "--out", str(tmp_path / "b")]) == 0
+    [wide] = (tmp_path / "b").iterdir()
+    assert Image.open(wide).size == (24, 16)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import pytest
 import torch
@@ -75,6 +76,22 @@ def test_pickled_single_file_needs_allow_pickle(tmp_path, tiny_model_dir, tiny_s
     assert_same_weights(
         load_base(str(ckpt), config=tiny_model_dir, allow_pickle=True), load_base(str(tiny_model_dir))
     )
+
+
+def test_pickled_weights_inside_a_diffusers_folder_need_allow_pickle(tmp_path, tiny_model_dir):
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, folder)
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(unet)
+    torch.save(weights, unet.with_suffix(".bin"))
+    unet.unlink()
+    with pytest.raises(SpectralDiffusionError, match=r"diffusion_pytorch_model.bin: the unet weights are Python "
+                       "pickles .*--allow-pickle") as info:
+        load_base(str(folder))
+    assert "\n" not in str(info.value)
+    assert_same_weights(load_base(str(folder), allow_pickle=True), load_base(str(tiny_model_dir)))
+    save_file(weights, unet)  # a pickle beside the .safetensors file is never read: the folder loads without the flag
+    assert_same_weights(load_base(str(folder)), load_base(str(tiny_model_dir)))
 
 
 def test_dtype_option_and_cli_arguments(tiny_model_dir, tiny_single_file):

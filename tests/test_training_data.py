@@ -12,7 +12,15 @@ import torch
 from PIL import Image
 
 from spectral_diffusion.errors import SpectralDiffusionError
-from spectral_diffusion.training.data import ExampleSet, fill_caption, load_folder, sample_order
+from spectral_diffusion.testing.images import png_header
+from spectral_diffusion.training import data as data_module
+from spectral_diffusion.training.data import (
+    MAX_PHOTO_PIXELS,
+    ExampleSet,
+    fill_caption,
+    load_folder,
+    sample_order,
+)
 
 PHOTOS = Path(__file__).parent / "data" / "photos"
 
@@ -156,3 +164,46 @@ def test_sample_order_is_a_reproducible_sequence_of_permutations() -> None:
 def test_fill_caption_replaces_only_placeholders() -> None:
     assert fill_caption("a photo of {token} {class_word}", "<d>", "") == "a photo of <d>"
     assert fill_caption("{token}  {x} {class_word}", "<d>", "dog") == "<d> {x} dog"
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's own warning, before ours
+def test_photos_too_large_or_too_elongated_are_skipped_before_decoding(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "strip.png").write_bytes(png_header(4, 40_000_000))  # 160 M pixels; upscaled: gigabytes
+    (tmp_path / "huge.png").write_bytes(png_header(12_000, 12_000))  # 144 M pixels
+    Image.new("RGB", (4, 100), "red").save(tmp_path / "thin.png")  # 25:1, a real decodable image
+    Image.new("RGB", (64, 32), "blue").save(tmp_path / "fine.png")
+    decoded = []
+    real_to_rgb = data_module.to_rgb
+    monkeypatch.setattr(data_module, "to_rgb", lambda image: decoded.append(image.size) or real_to_rgb(image))
+    with caplog.at_level(logging.WARNING):
+        examples = load_folder(tmp_path, 32, "<x>")
+    assert [e.name for e in examples] == ["fine.png"] and decoded == [(64, 32)]
+    assert sorted(_warnings(caplog)) == [
+        f"skipping huge.png: 12000x12000 is more than {MAX_PHOTO_PIXELS} pixels; downscale it",
+        f"skipping strip.png: 4x40000000 is more than {MAX_PHOTO_PIXELS} pixels; downscale it",
+        "skipping thin.png: 4x100 is more elongated than 16:1; crop it",
+    ]
+
+
+def test_unreadable_captions_skip_their_image_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("latin", "locked", "good"):
+        Image.new("RGB", (32, 32), "red").save(tmp_path / f"{name}.png")
+    (tmp_path / "latin.txt").write_bytes("a caf\u00e9 photo of {token}".encode("latin-1"))
+    (tmp_path / "locked.txt").write_text("a photo of {token}")
+    (tmp_path / "good.txt").write_text("a good photo of {token}")
+    read_text = Path.read_text
+
+    def locked(path: Path, *args, **kwargs) -> str:
+        if path.name == "locked.txt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", locked)
+    with caplog.at_level(logging.WARNING):
+        examples = load_folder(tmp_path, 32, "<x>")
+    assert [(e.name, e.caption) for e in examples] == [("good.png", "a good photo of <x>")]
+    assert _warnings(caplog) == ["skipping latin.png: its caption latin.txt is unreadable (not UTF-8 text)",
+                                 "skipping locked.png: its caption locked.txt is unreadable (Permission denied)"]

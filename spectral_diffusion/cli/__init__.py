@@ -38,11 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _MessageFormat(logging.Formatter):
-    """Info lines as they are, warnings prefixed: what a user reads on the terminal, not a log."""
+    """Info lines as they are, warnings prefixed: what a user reads on the terminal, not a log.
+
+    A record that carries an exception (`log.exception`: the app's failed jobs) is followed by its traceback, so the
+    server's terminal says why a job failed while the page shows one line.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         prefix = "warning: " if record.levelno >= logging.WARNING else ""
-        return prefix + record.getMessage()
+        text = prefix + record.getMessage()
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
 
 
 def main(argv: list[str] | None = None) -> int:

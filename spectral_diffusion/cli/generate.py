@@ -6,10 +6,21 @@ import argparse
 from pathlib import Path
 
 from spectral_diffusion.cli.fuse import parse_weights
-from spectral_diffusion.compose import Composer
+from spectral_diffusion.compose import Composer, check_weight
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.fusion import read_fusion_json
-from spectral_diffusion.generation import SCHEDULERS, GenerationSettings, generate, parse_size, save_images
+from spectral_diffusion.generation import (
+    MAX_PIXELS,
+    MAX_SEED,
+    SCHEDULERS,
+    GenerationSettings,
+    check_canvas,
+    check_output_dir,
+    generate,
+    parse_size,
+    resolve_seed,
+    save_images,
+)
 from spectral_diffusion.models import add_base_arguments, load_base_from_args
 from spectral_diffusion.regional import REGION_MODES, parse_region
 
@@ -23,7 +34,9 @@ as a whole native image) and blends the predictions by the region masks, for mod
 with --concepts (live, not fused) each region's pass then applies only the concepts whose token its prompt holds.
 
 Each PNG records its settings in A1111's "parameters" text chunk; image i of a run uses seed S+i, so any image
-can be remade alone. Files are numbered after those already in --out and never overwritten.
+can be remade alone; --seed -1 draws a random seed (as the app does). Files are numbered after those already in
+--out and never overwritten. Every number is checked before the model is loaded: weights and guidance must be
+finite, seeds within 0..4294967295, and the canvas at most --max-pixels.
 """
 
 
@@ -39,12 +52,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="concept files to compose live on --base")
     p.add_argument("--weights", type=parse_weights, default=None, metavar="W1,W2,...",
                    help="comma-separated weight per concept, in order (default: 1 each)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (default: 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help=f"seed of the first image, 0..{MAX_SEED} or -1 for a random one; image i uses seed+i "
+                        "(default: 0)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
     p.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale (default: 7)")
     p.add_argument("--scheduler", choices=list(SCHEDULERS), default="dpm++", help="sampler (default: dpm++)")
     p.add_argument("--size", type=_size, default=None, metavar="WxH",
                    help="image size (default: the model's native size)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                   help=f"refuse canvases of more than N pixels (default: {MAX_PIXELS}, i.e. 1024x1024)")
     p.add_argument("--n", type=int, default=1, help="number of images (default: 1)")
     p.add_argument("--out", default="outputs", metavar="DIR", help="folder for the PNGs (default: outputs)")
     p.add_argument("--region", action="append", default=[], metavar="PROMPT:x0,y0,x1,y1",
@@ -72,6 +89,13 @@ def run(args: argparse.Namespace) -> int:
         raise SpectralDiffusionError("--concepts are composed on the base they were trained on: use --base, not --model")
     if args.weights is not None and len(args.weights) != len(args.concepts):
         raise SpectralDiffusionError(f"{len(args.weights)} weights given for {len(args.concepts)} concepts")
+    weights = [check_weight(w, c) for c, w in zip(args.concepts, args.weights or [1.0] * len(args.concepts),
+                                                  strict=True)]
+    if args.max_pixels < 1:
+        raise SpectralDiffusionError(f"--max-pixels must be >= 1, got {args.max_pixels}")
+    if args.size is not None:
+        check_canvas(*args.size, args.max_pixels)
+    check_output_dir(args.out)
     if len(args.region_negative) > len(args.region):
         raise SpectralDiffusionError(
             f"{len(args.region_negative)} --region-negative given for {len(args.region)} --region")
@@ -79,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
     regions = tuple(parse_region(spec, negative=neg or None, feather=args.feather)
                     for spec, neg in zip(args.region, negatives, strict=True))
     settings = GenerationSettings(prompt=args.prompt, negative=args.negative, steps=args.steps,
-                                  guidance=args.guidance, scheduler=args.scheduler, seed=args.seed, size=args.size,
-                                  n=args.n, regions=regions, region_mode=args.region_mode)
+                                  guidance=args.guidance, scheduler=args.scheduler, seed=resolve_seed(args.seed),
+                                  size=args.size, n=args.n, regions=regions, region_mode=args.region_mode)
     if args.model:
         args.base = args.model
     pipe = load_base_from_args(args)
@@ -91,13 +115,12 @@ def run(args: argparse.Namespace) -> int:
         concepts = {Path(c["path"]).name if c.get("path") else c["token"]: c["weight"]
                     for c in fusion.get("concepts", [])}
     elif args.concepts:
-        weights = args.weights or [1.0] * len(args.concepts)
         composer = Composer(pipe)
         composer.set_concepts(dict(zip(args.concepts, weights, strict=True)))
         concepts = {Path(c).name: w for c, w in zip(args.concepts, weights, strict=True)}
         scope = composer.scope
     model = Path(args.model).name if args.model else args.base
-    images = generate(pipe, settings, model=model, concepts=concepts, scope=scope)
+    images = generate(pipe, settings, model=model, concepts=concepts, scope=scope, max_pixels=args.max_pixels)
     for path in save_images(images, args.out):
         print(f"wrote {path}")
     return 0

@@ -2,8 +2,10 @@
 
 A folder holds images (jpg, jpeg, png, webp, bmp) with optional same-name `.txt` captions and optional masks
 (`<name>_mask.png` beside the image, or `masks/<name>.png`). Everything a user's phone or browser may produce is
-normalised to RGB once at load time (EXIF rotation, transparency on white, grey/CMYK/16-bit); anything unreadable is
-skipped with one warning line, so a stray file never stops a run.
+normalised to RGB once at load time (EXIF rotation, transparency on white, grey/CMYK/16-bit); anything unreadable (an
+image, or its caption) is skipped with one warning line, so a stray file never stops a run. An image's size is read
+from its header before it is decoded: one of more than `MAX_PHOTO_PIXELS` pixels, or more elongated than
+`MAX_ASPECT` to 1 (its upscaled copy would be huge), is skipped the same way.
 
 Augmentation (random crop, horizontal flip) draws only from the `torch.Generator` it is given, and the data order is
 a pure function of the seed and a sample counter: a resumed run sees exactly the batches an uninterrupted one would.
@@ -28,6 +30,8 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 CONCEPT_TEMPLATE = "a photo of {token} {class_word}"
 PRIOR_TEMPLATE = "a photo of a {class_word}"
 _DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
+MAX_PHOTO_PIXELS = 128 * 2**20  # 134 M pixels: a 108 MP phone photo fits, a decompression bomb does not
+MAX_ASPECT = 16  # longer side / shorter side: the copy kept for training is at most 16 x resolution^2 pixels
 
 
 @dataclass(frozen=True)
@@ -60,9 +64,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _open(path: Path) -> Image.Image | None:
-    """Decode fully (so truncated files fail here, not mid-training); None and one warning if unreadable."""
+    """Decode fully (so truncated files fail here, not mid-training); None and one warning if unreadable, too large
+    or too elongated (judged from the header, before decoding)."""
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_PHOTO_PIXELS:
+                log.warning("skipping %s: %dx%d is more than %d pixels; downscale it", path.name, width, height,
+                            MAX_PHOTO_PIXELS)
+                return None
+            if max(width, height) > MAX_ASPECT * min(width, height):
+                log.warning("skipping %s: %dx%d is more elongated than %d:1; crop it", path.name, width, height,
+                            MAX_ASPECT)
+                return None
             image.load()
             return to_rgb(image)
     except _DECODE_ERRORS as exc:
@@ -104,14 +118,15 @@ def load_folder(folder: str | Path, resolution: int, token: str, class_word: str
             continue
         if path.stem.endswith("_mask") and path.stem[: -len("_mask")] in image_stems:
             continue
+        raw = _caption(path, template)
+        if raw is None:
+            continue
         image = _open(path)
         if image is None:
             continue
         if min(image.size) < resolution:
             log.warning("upscaling %s: %dx%d is smaller than the %d px training resolution",
                         path.name, *image.size, resolution)
-        caption_file = path.with_suffix(".txt")
-        raw = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else template
         if "{token}" not in raw and token:
             log.warning("caption of %s has no {token} placeholder: the concept token is not trained on it", path.name)
         mask = _load_mask(path, image.size)
@@ -126,12 +141,28 @@ def load_folder(folder: str | Path, resolution: int, token: str, class_word: str
     return examples
 
 
+def _caption(image_path: Path, template: str) -> str | None:
+    """The text of `<name>.txt`, else `template`; None and one warning if that file is not readable UTF-8 text."""
+    caption_file = image_path.with_suffix(".txt")
+    if not caption_file.is_file():
+        return template
+    try:
+        return caption_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or type(exc).__name__
+        log.warning("skipping %s: its caption %s is unreadable (%s)", image_path.name, caption_file.name, reason)
+        return None
+
+
 def _load_mask(image_path: Path, size: tuple[int, int]) -> Image.Image | None:
     mask_path = _mask_path(image_path)
     if mask_path is None:
         return None
     try:
         with Image.open(mask_path) as mask:
+            if mask.width * mask.height > MAX_PHOTO_PIXELS:
+                raise SpectralDiffusionError(
+                    f"mask {mask_path} is {mask.width}x{mask.height}, more than {MAX_PHOTO_PIXELS} pixels")
             mask = ImageOps.exif_transpose(mask).convert("L")
     except _DECODE_ERRORS as exc:
         raise SpectralDiffusionError(f"mask {mask_path} is unreadable ({exc})") from exc

@@ -12,7 +12,7 @@ import functools
 import html
 import inspect
 import logging
-import random
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,15 +21,17 @@ from typing import Any
 import gradio as gr
 from PIL import Image, ImageDraw, ImageOps
 
-from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.errors import SpectralDiffusionError, check_number
 from spectral_diffusion.export import FORMATS as LORA_FORMATS
 from spectral_diffusion.fusion import METHODS as FUSION_METHODS
 from spectral_diffusion.fusion import OUTPUT_FORMATS as FUSION_FORMATS
 from spectral_diffusion.generation import (
+    MAX_PIXELS,
     SCHEDULERS,
     GeneratedImage,
     GenerationSettings,
     native_size,
+    resolve_seed,
     size_multiple,
 )
 from spectral_diffusion.ui import regions as region_table
@@ -40,7 +42,6 @@ from spectral_diffusion.ui.uploads import MAX_UPLOAD_MB
 log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 16  # waiting events beyond this are refused with "queue full" instead of piling up
-MAX_SEED = 2**32 - 1
 # Gradio spots a progress parameter by its default being a `gr.Progress` and passes a fresh tracker per call.
 PROGRESS = gr.Progress()
 # System fonts only: nothing is fetched from a font CDN, so the page renders at once offline.
@@ -94,13 +95,12 @@ def handler(fn: Callable) -> Callable:
 # ---- small pure helpers ----------------------------------------------------------------------------------------
 
 
-def resolve_seed(seed: float | None) -> int:
-    """A1111's convention: -1 (or empty) draws a fresh random seed, anything else is used as given."""
-    if seed is None or int(seed) < 0:
-        return random.SystemRandom().randint(0, MAX_SEED)
-    if int(seed) > MAX_SEED:
-        raise SpectralDiffusionError(f"seed must be between 0 and {MAX_SEED} (or -1 for random), got {int(seed)}")
-    return int(seed)
+def _whole(value: object, what: str) -> int:
+    """A whole number sent by the page or an API client; NaN, infinities and fractions are refused in one line."""
+    number = check_number(value, what)
+    if number != int(number):
+        raise SpectralDiffusionError(f"{what} must be a whole number, got {number:g}")
+    return int(number)
 
 
 def caption(settings: GenerationSettings, image: GeneratedImage) -> str:
@@ -254,6 +254,7 @@ class _AppBuilder:
         backend = self.backend
         width, height = native_size(backend.pipe)
         step = size_multiple(backend.pipe)
+        largest = math.isqrt(MAX_PIXELS) // step * step  # a square of the largest sides stays within MAX_PIXELS
         with gr.Row():
             with gr.Column(scale=5):
                 prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
@@ -271,8 +272,10 @@ class _AppBuilder:
                                                     label="Sampler")
                             steps = gr.Slider(1, 150, value=20, step=1, label="Steps")
                         with gr.Row():
-                            width_in = gr.Slider(step, 4 * width, value=width, step=step, label="Width")
-                            height_in = gr.Slider(step, 4 * height, value=height, step=step, label="Height")
+                            width_in = gr.Slider(step, min(4 * width, largest), value=width, step=step,
+                                                 label="Width")
+                            height_in = gr.Slider(step, min(4 * height, largest), value=height, step=step,
+                                                  label="Height")
                         with gr.Row():
                             guidance = gr.Slider(0.0, 20.0, value=7.0, step=0.5, label="Guidance scale (CFG)")
                             count = gr.Slider(1, 8, value=1, step=1, label="Number of images")
@@ -303,8 +306,10 @@ class _AppBuilder:
             if concepts is not None and not isinstance(concepts, dict):
                 raise SpectralDiffusionError("concepts must map concept names to weights, e.g. {\"dogA\": 1.0}")
             settings = GenerationSettings(
-                prompt=prompt or "", negative=negative_prompt or "", steps=int(steps), guidance=float(guidance_scale),
-                scheduler=scheduler, seed=resolve_seed(seed), size=(int(width), int(height)), n=int(num_images),
+                prompt=prompt or "", negative=negative_prompt or "", steps=_whole(steps, "steps"),
+                guidance=guidance_scale, scheduler=scheduler,
+                seed=resolve_seed(None if seed is None else _whole(seed, "seed")),
+                size=(_whole(width, "width"), _whole(height, "height")), n=_whole(num_images, "number of images"),
                 regions=tuple(region_table.rows_to_regions(regions, region_feather)),
                 region_mode=region_mode or "attention")
             progress(0, desc="Preparing")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
 
-from spectral_diffusion.compose import Composer
+from spectral_diffusion.compose import Composer, check_weight
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.export import Exported, export_lora, textual_inversion_path
 from spectral_diffusion.fusion import FusionReport, fuse, save_fused
@@ -150,10 +150,11 @@ class Backend:
     def generate(self, settings: GenerationSettings, concepts: Mapping[str, float],
                  on_step: Callable[[int, int], None] | None = None) -> list[tuple[Path, GeneratedImage]]:
         """Compose `concepts` (name -> weight) live, sample, and save the PNGs (with metadata) to the output folder."""
-        paths = {self.concept(name).path: float(weight) for name, weight in concepts.items()}
+        weights = {name: check_weight(weight, name) for name, weight in concepts.items()}
+        paths = {self.concept(name).path: weight for name, weight in weights.items()}
         with self._pipe_lock, report_steps(self.pipe, on_step):
             self.composer.set_concepts(paths)
-            images = generate(self.pipe, settings, model=self.base.spec, concepts=dict(concepts),
+            images = generate(self.pipe, settings, model=self.base.spec, concepts=weights,
                               scope=self.composer.scope)
         return list(zip(save_images(images, self.output_dir / "images"), images, strict=True))
 

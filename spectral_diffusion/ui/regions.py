@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw
 
-from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.errors import SpectralDiffusionError, check_number
 from spectral_diffusion.regional import Region
 
 HEADERS = ["prompt", "x0", "y0", "x1", "y1", "negative prompt"]
@@ -47,7 +47,8 @@ def rows_to_regions(rows: Sequence[Sequence[object]] | None, feather: float = 0.
             raise SpectralDiffusionError(f"region row {index}: enter a prompt for this region (or clear the row)")
         x0, y0, x1, y1 = (_number(v, name, index) for v, name in zip(box, HEADERS[1:5], strict=True))
         regions.append(Region(str(prompt).strip(), box=(x0, y0, x1, y1),
-                              negative=None if _blank(negative) else str(negative).strip(), feather=float(feather)))
+                              negative=None if _blank(negative) else str(negative).strip(),
+                              feather=check_number(feather, "region feather", low=0)))
     return regions
 
 
