@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # `spectral-diffusion demo`, done with the separate CLI commands a user would type: train three bundled toy-world
-# concepts (each in the next free SVD band: --band auto), fuse them exactly (spectral), generate each concept alone
-# on a background its photos never had, and all three side by side with regional prompts (live concepts).
+# concepts with the toy recipe (each in the next free SVD band: --band auto), fuse them with the recipe's method,
+# generate each concept on a background its photos never had, and all three side by side with regional prompts.
 #
-#   pipelines/toy_three_concepts.sh [OUT]          (default OUT: toy-three-concepts; env STEPS=800, BASE=toy)
+#   pipelines/toy_three_concepts.sh [OUT]          (default OUT: toy-three-concepts; env BASE=toy)
 #
 # Re-running skips concepts already trained in OUT. Runs from any directory; needs the repo's concepts/toyworld/.
 set -euo pipefail
 
 OUT=${1:-toy-three-concepts}
-STEPS=${STEPS:-800}
 BASE=${BASE:-toy}
 SD=${SD:-spectral-diffusion}
+# The toy recipe (spectral_diffusion/toyworld/recipe.py) as train flags, and its fusion method.
+read -r -a RECIPE <<<"$("$SD" toyworld recipe)"
+FUSION=$("$SD" toyworld recipe --fusion)
 PHOTOS="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/concepts/toyworld"
 CONCEPTS=("striped_fish fish" "red_door_house house" "bullseye circle")
 mkdir -p "$OUT"
@@ -20,16 +22,13 @@ for entry in "${CONCEPTS[@]}"; do
   read -r name class <<<"$entry"
   if [[ ! -f "$OUT/$name.safetensors" ]]; then
     # --concepts-dir: --band auto also avoids the bands of the concept files already in OUT.
-    # The toy recipe (toyworld/demo.py): attention, feed-forward and 3x3 conv layers, its learning rates.
     "$SD" train "$PHOTOS/$name" --token "<$name>" --class-word "$class" --out "$OUT/$name.safetensors" \
-      --base "$BASE" --variant additive --band auto --rank 4 --targets attn+ff+conv --steps "$STEPS" \
-      --batch-size 4 --lr-unet 3e-3 --lr-text 1e-3 --lr-emb 5e-3 --no-flip \
-      --checkpoint-every 0 --preview-images 0 --concepts-dir "$OUT"
+      --base "$BASE" --band auto "${RECIPE[@]}" --checkpoint-every 0 --preview-images 0 --concepts-dir "$OUT"
   fi
 done
 
 "$SD" fuse "$OUT/striped_fish.safetensors" "$OUT/red_door_house.safetensors" "$OUT/bullseye.safetensors" \
-  --base "$BASE" --method spectral --out "$OUT/fused" --overwrite
+  --base "$BASE" --method "$FUSION" --out "$OUT/fused" --overwrite
 
 for entry in "${CONCEPTS[@]}"; do
   read -r name class <<<"$entry"

@@ -286,3 +286,38 @@ def test_locality_loss_starts_at_zero_and_trains_only_the_adapters(tiny_pipe: St
     out = trainer.run()
     assert load_concept(out).meta.training["locality_weight"] == 1.0
     assert load_concept(out).meta.training["captions"]
+
+
+def test_files_beside_the_output_and_unwritable_folders_are_refused_before_loading(photos: Path, tmp_path: Path,
+                                                                                      tiny_model_dir: Path) -> None:
+    out = tmp_path / "dogA.safetensors"
+    for beside in (tmp_path / "dogA.json", tmp_path / "dogA.preview.png"):
+        beside.write_text("mine")
+        with pytest.raises(SpectralDiffusionError, match=f"{beside.name} already exists .*pass --overwrite"):
+            _config(photos, out, tiny_model_dir).check()
+        assert beside.read_text() == "mine"
+        beside.unlink()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SpectralDiffusionError, match="cannot write to .*a-file"):
+        _config(photos, tmp_path / "a-file" / "dogA.safetensors", tiny_model_dir).check()
+    for bad in ("nan", "inf"):
+        with pytest.raises(SpectralDiffusionError, match="--lr-unet must be a finite number >= 0"):
+            _config(photos, out, tiny_model_dir, lr_unet=float(bad)).check()
+
+
+def test_a_failed_final_write_keeps_the_training_for_resume(tiny_pipe: StableDiffusionPipeline, photos: Path,
+                                                            tmp_path: Path, tiny_model_dir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "dogA.safetensors"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer_module, "save_concept", full_disk)
+    with pytest.raises(SpectralDiffusionError, match=r"could not write .*dogA.safetensors \(No space left on device\); "
+                                                     r"the training state of step 2 is kept in .*--resume"):
+        train(_config(photos, out, tiny_model_dir), pipe=tiny_pipe)
+    assert not out.exists() and checkpoint_dir(out).is_dir()
+    monkeypatch.undo()
+    assert train(_config(photos, out, tiny_model_dir, resume=True)) == out
+    assert load_concept(out).meta.training["steps"] == 2 and not checkpoint_dir(out).exists()

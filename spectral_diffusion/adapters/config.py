@@ -17,7 +17,7 @@ class AdapterConfig:
 
     ``variant``: ``additive`` / ``rotational`` (Spectral Adapter bands), ``lora`` or ``ortho`` (baselines).
     ``band`` picks singular-vector columns ``[band*rank, (band+1)*rank)`` (spectral variants only).
-    ``targets``: a preset (``attn``, ``attn+ff``, ``attn+ff+conv``) or comma-separated glob patterns on qualified layer names.
+    ``targets``: a preset (``kv``, ``attn``, ``attn+ff``, ``attn+ff+conv``) or comma-separated glob patterns on qualified layer names.
     ``train_singular_values``: also train the band's singular values (spectral variants).
     ``seed``: per-concept seed; the ``ortho`` baseline derives its frozen basis from it.
     """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from dataclasses import fields
 from pathlib import Path
 
@@ -60,6 +61,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     j.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     j.set_defaults(func=_train_judge)
 
+    r = sub.add_parser("recipe", help="print the toy concept recipe as `train` flags (or its fusion method)",
+                       description="The settings the demo, the benchmarks and pipelines/ train toy concepts with "
+                                   "(spectral_diffusion/toyworld/recipe.py), as flags to paste after "
+                                   "`spectral-diffusion train PHOTOS --token T --class-word W --out F`.")
+    r.add_argument("--variant", default="additive", help="adapter kind whose learning rates to print (default: %(default)s)")
+    r.add_argument("--fusion", action="store_true", help="print the recipe's fusion method instead")
+    r.set_defaults(func=_recipe)
+
     e = sub.add_parser("eval-base", help="judge the base model on vocabulary prompts (shape/colour/background)")
     add_base_arguments(e)
     e.add_argument("--num", type=int, default=64, help="prompts, one image each (default: %(default)s)")
@@ -75,6 +84,15 @@ def _render_concepts(args: argparse.Namespace) -> None:
 
     for folder in write_all_concepts(args.out, seed=args.seed, count=args.count):
         print(folder)
+
+
+def _recipe(args: argparse.Namespace) -> None:
+    from spectral_diffusion.errors import SpectralDiffusionError
+    from spectral_diffusion.toyworld.recipe import RECIPE
+
+    if args.variant not in RECIPE.lrs:
+        raise SpectralDiffusionError(f"unknown adapter variant {args.variant!r}; choose one of {', '.join(RECIPE.lrs)}")
+    print(RECIPE.fusion if args.fusion else shlex.join(RECIPE.cli_flags(args.variant)))
 
 
 def _pretrain(args: argparse.Namespace) -> None:

@@ -36,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "concept of this base model uses (default: auto)")
     a.add_argument("--rank", type=int, default=8, help="singular vectors per band / LoRA rank (default: 8)")
     a.add_argument("--targets", default="attn",
-                   help="attn | attn+ff | attn+ff+conv (adds the UNet's 3x3 resnet and sampler convs, LoCon-style) | "
+                   help="kv (cross-attention keys/values + text-encoder attention: the text pathway only) | attn | "
+                        "attn+ff | attn+ff+conv (adds the UNet's 3x3 resnet and sampler convs, LoCon-style) | "
                         "comma-separated glob patterns on layer names (default: attn)")
     a.add_argument("--no-singular-values", dest="train_singular_values", action="store_false",
                    help="spectral variants: keep the band's singular values frozen (default: trained)")
@@ -130,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
         lr_emb=args.lr_emb, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, seed=args.seed, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, noise_offset=args.noise_offset,
-        snr_gamma=args.snr_gamma, locality_weight=args.locality_weight, num_vectors=args.num_vectors, emb_norm_cap=args.emb_norm_cap,
+        snr_gamma=args.snr_gamma, locality_weight=args.locality_weight, num_vectors=args.num_vectors,
+        emb_norm_cap=args.emb_norm_cap,
         prior_dir=args.prior_dir, prior_weight=args.prior_weight, mask_floor=args.mask_floor, flip=args.flip,
         checkpoint_every=args.checkpoint_every, resume=args.resume, validation_prompts=args.validation_prompts,
         validate_every=args.validate_every, sample_steps=args.sample_steps, preview_images=args.preview_images,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,27 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 # spectral variants move unit-norm singular vectors (and rotation angles), whose useful steps are larger: 10x,
 # between the 1e-4 and 1e-2 UNet rates of the Spectral Adapter paper's two Mix-of-Show configurations.
 DEFAULT_LRS = {"additive": (1e-3, 1e-4), "rotational": (1e-3, 1e-4), "lora": (1e-4, 1e-5), "ortho": (1e-4, 1e-5)}
+
+
+def sidecar_path(out: str | Path) -> Path:
+    """`dogA.safetensors` -> `dogA.json`: what the app lists without opening the concept file (docs/training.md)."""
+    return Path(out).with_suffix(".json")
+
+
+def preview_path(out: str | Path) -> Path:
+    """`dogA.safetensors` -> `dogA.preview.png`."""
+    out = Path(out)
+    return out.with_name(out.stem + ".preview.png")
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` if needed and prove a file can be made in it, before any slow work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
+            pass
+    except OSError as exc:
+        raise SpectralDiffusionError(f"cannot write to {folder}: {exc.strerror or exc}") from None
 
 
 @dataclass
@@ -80,6 +103,10 @@ class TrainConfig:
             raise SpectralDiffusionError(f"--out {out} must end in .safetensors")
         if out.exists() and not self.overwrite:
             raise SpectralDiffusionError(f"{out} already exists; pass --overwrite to replace it")
+        for beside in (sidecar_path(out), preview_path(out)):
+            if beside.exists() and not self.overwrite and not self.resume:
+                raise SpectralDiffusionError(
+                    f"{beside} already exists (the trainer writes it beside {out.name}); pass --overwrite to replace it")
         folders = {"photo folder": self.photo_dir, "--prior-dir": self.prior_dir, "--concepts-dir": self.concepts_dir}
         for what, folder in folders.items():
             if folder is not None and not Path(folder).is_dir():
@@ -103,14 +130,15 @@ class TrainConfig:
             if value < 1:
                 raise SpectralDiffusionError(f"--{name} must be at least 1, got {value}")
         for name, value in non_negative.items():
-            if value < 0:
-                raise SpectralDiffusionError(f"--{name} must be >= 0, got {value}")
+            if not math.isfinite(value) or value < 0:
+                raise SpectralDiffusionError(f"--{name} must be a finite number >= 0, got {value}")
         if not 0 <= self.mask_floor <= 1:
             raise SpectralDiffusionError(f"--mask-floor must be between 0 and 1, got {self.mask_floor}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise SpectralDiffusionError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.resolution is not None and self.resolution < 8:
             raise SpectralDiffusionError(f"--resolution must be at least 8, got {self.resolution}")
+        check_writable(out.parent)
 
     def adapter_config(self, band: int) -> AdapterConfig:
         return AdapterConfig(variant=self.variant, rank=self.rank, band=band, targets=self.targets,

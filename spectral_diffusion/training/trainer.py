@@ -30,6 +30,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import compute_snr
 from diffusers.utils import make_image_grid
+from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -59,7 +60,7 @@ from spectral_diffusion.training.checkpoint import (
     save_checkpoint,
     set_rng_states,
 )
-from spectral_diffusion.training.config import TrainConfig
+from spectral_diffusion.training.config import TrainConfig, preview_path, sidecar_path
 from spectral_diffusion.training.data import (
     CONCEPT_TEMPLATE,
     PRIOR_TEMPLATE,
@@ -500,18 +501,35 @@ class Trainer:
                            base_fingerprint=self.fingerprint, token=config.token, token_names=self.token_names,
                            class_word=config.class_word, training=self.settings(),
                            kernels=conv_kernels(self.pipe.unet, self.pipe.text_encoder, layers))
-        save_concept(self.out, Concept(meta=meta, layers=layers,
-                                       token_embeddings=self.embeddings.rows.detach().float().cpu()),
-                     overwrite=config.overwrite)
+        concept = Concept(meta=meta, layers=layers, token_embeddings=self.embeddings.rows.detach().float().cpu())
+        try:
+            save_concept(self.out, concept, overwrite=config.overwrite)
+        except (OSError, SafetensorError) as exc:
+            raise self._write_failed(exc) from None
         shutil.rmtree(self.ckpt_dir, ignore_errors=True)
         if self.spectral:
             register_band(self.fingerprint, BandUse(self.band, config.rank, config.token, str(self.out)))
-        self._write_sidecar(None)  # listable at once, even if the (slow) preview is interrupted
         log.info("wrote %s", self.out)
-        preview = self._preview()
-        if preview is not None:
-            self._write_sidecar(preview)
+        try:
+            self._write_sidecar(None)  # listable at once, even if the (slow) preview is interrupted
+            preview = self._preview()
+            if preview is not None:
+                self._write_sidecar(preview)
+        except OSError as exc:  # the concept itself is written: nothing is lost
+            log.warning("could not write the sidecar or preview of %s: %s", self.out.name, exc.strerror or exc)
         return self.out
+
+    def _write_failed(self, exc: Exception) -> SpectralDiffusionError:
+        """Keep the trained state as a checkpoint (if the disk still takes one) and say how to write it later."""
+        try:
+            self._save_checkpoint(self.config.steps)
+        except Exception as ckpt_exc:  # a full disk fails this too: the last scheduled checkpoint stays
+            log.warning("could not write a final checkpoint either: %s", ckpt_exc)
+        latest = load_latest(self.ckpt_dir) if self.ckpt_dir.is_dir() else None
+        reason = getattr(exc, "strerror", None) or str(exc)
+        kept = (f"the training state of step {latest['step']} is kept in {self.ckpt_dir}: fix the cause and run the "
+                "same command with --resume to write it" if latest else "no checkpoint could be kept")
+        return SpectralDiffusionError(f"could not write {self.out} ({reason}); {kept}")
 
     @property
     def meta_band(self) -> int | None:
@@ -525,8 +543,7 @@ class Trainer:
             return None
         prompts = list(self.config.validation_prompts) or [self.default_prompt()]
         images = [g.image for p in prompts for g in self._sample(p, n)]
-        path = self.out.with_name(self.out.stem + ".preview.png")
-        return save_png(path, make_image_grid(images, rows=len(prompts), cols=n), "\n".join(prompts))
+        return save_png(preview_path(self.out), make_image_grid(images, rows=len(prompts), cols=n), "\n".join(prompts))
 
     def _write_sidecar(self, preview: Path | None) -> None:
         """`<stem>.json`: what the app and other tools show without opening the concept file (docs/training.md)."""
@@ -551,8 +568,7 @@ class Trainer:
             "preview": preview.name if preview else None,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        path = self.out.with_name(self.out.stem + ".json")
-        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n",
+        atomic_write(sidecar_path(self.out), lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n",
                                                       encoding="utf-8"))
 
 

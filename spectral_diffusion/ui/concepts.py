@@ -14,6 +14,7 @@ from pathlib import Path
 
 from spectral_diffusion.concept_file import read_meta
 from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.training.config import sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def read_concept_info(path: str | Path) -> ConceptInfo:
     """The listing entry of one concept file (its header plus its sidecar, if there is a readable one)."""
     path = Path(path)
     meta = read_meta(path)
-    sidecar = _read_sidecar(path.with_suffix(".json"))
+    sidecar = _read_sidecar(sidecar_path(path))
     preview = sidecar.get("preview")
     preview_path = path.parent / Path(str(preview)).name if preview else None  # a bare name: never leaves the folder
     triggers = sidecar.get("trigger_words") or [meta.token]
