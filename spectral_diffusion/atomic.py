@@ -13,10 +13,13 @@ import fcntl
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from spectral_diffusion.errors import SpectralDiffusionError
 
 
 def _sibling(path: Path, suffix: str) -> Path:
@@ -77,6 +80,21 @@ def remove_stale_siblings(path: str | Path) -> list[Path]:
         finally:
             os.close(fd)
     return removed
+
+
+def check_writable(folder: str | Path) -> None:
+    """Prove that files can be made in `folder` (or, where it does not exist yet, in the nearest folder above it,
+    where it will be made), creating nothing: run before any slow work whose result goes there, so a read-only or
+    wrong place is refused in one line, not found after the work."""
+    folder = Path(folder).absolute()
+    existing = next(above for above in (folder, *folder.parents) if above.exists())
+    if not existing.is_dir():
+        raise SpectralDiffusionError(f"cannot write to {folder}: {existing} is a file, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-probe-"):
+            pass
+    except OSError as exc:
+        raise SpectralDiffusionError(f"cannot write to {folder}: {exc.strerror or exc}") from None
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:

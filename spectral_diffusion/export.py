@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from spectral_diffusion.adapters.layers import Factors
-from spectral_diffusion.atomic import atomic_write
+from spectral_diffusion.atomic import atomic_write, check_writable
 from spectral_diffusion.concept_file import Concept, load_concept
 from spectral_diffusion.errors import SpectralDiffusionError
 
@@ -103,6 +103,7 @@ def export_lora(
     for path in (out, ti_out):
         if path.exists() and not overwrite:
             raise SpectralDiffusionError(f"{path} already exists (pass --overwrite to replace it)")
+    check_writable(out.parent)
     tensors = lora_state_dict(concept, fmt)
     meta = concept.meta
     source = {"token": meta.token, "variant": meta.variant, "rank": meta.rank, "band": meta.band,

@@ -27,7 +27,6 @@ Baselines, for the quality benchmark (they accept every adapter variant):
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -45,10 +44,10 @@ from spectral_diffusion.adapters.config import SPECTRAL_VARIANTS
 from spectral_diffusion.adapters.inject import adapter_layers, conv_kernels, load_adapter, remove_adapters
 from spectral_diffusion.adapters.layers import Factors, layer_generator, unwrap
 from spectral_diffusion.adapters.targets import adaptable_layers, is_text_fed
-from spectral_diffusion.atomic import atomic_directory
+from spectral_diffusion.atomic import atomic_directory, check_writable
 from spectral_diffusion.bands import weight_matrix
 from spectral_diffusion.concept_file import Concept, ConceptMeta, load_concept
-from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.errors import SpectralDiffusionError, check_number
 from spectral_diffusion.export import lora_tensors, write_textual_inversion
 from spectral_diffusion.fingerprint import base_fingerprint
 from spectral_diffusion.single_file import CLIP_PREFIX, pipeline_to_ldm
@@ -304,14 +303,12 @@ def _check_request(method: str, count: int, weights: Sequence[float], density: f
         raise SpectralDiffusionError("nothing to fuse: give at least one concept file")
     if len(weights) != count:
         raise SpectralDiffusionError(f"{len(weights)} weights given for {count} concepts")
-    bad = [f"{w:g}" for w in weights if not math.isfinite(w)]
-    if bad:
-        raise SpectralDiffusionError(f"concept weights must be finite numbers, got {', '.join(bad)}")
+    for i, weight in enumerate(weights):
+        check_number(weight, f"the weight of concept {i + 1}")
     if method in ("ties", "dare") and not 0 < density <= 1:
         raise SpectralDiffusionError(f"density must be in (0, 1], got {density:g}")
-    for name, value in (("ridge", ridge), ("prior weight", prior_weight)):
-        if not (math.isfinite(value) and value >= 0):
-            raise SpectralDiffusionError(f"{name} must be a finite number >= 0, got {value:g}")
+    check_number(ridge, "ridge", low=0)
+    check_number(prior_weight, "prior weight", low=0)
 
 
 def merged_delta(method: str, name: str, per_concept: Sequence[Factors | None], *, density: float = 0.5,
@@ -520,6 +517,7 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise SpectralDiffusionError(f"{out} already exists (pass --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         raise SpectralDiffusionError(f"{out} exists and is not a folder; fused models are written as folders")
+    check_writable(out.parent)
 
 
 def _write(pipe: StableDiffusionPipeline, report: FusionReport, folder: Path, fmt: str, name: str,

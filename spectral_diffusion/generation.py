@@ -36,7 +36,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from spectral_diffusion.atomic import atomic_write
+from spectral_diffusion.atomic import atomic_write, check_writable
 from spectral_diffusion.errors import SpectralDiffusionError, check_number
 from spectral_diffusion.regional import ConceptScope, Region, check_region_mode, regional_prompting
 
@@ -136,14 +136,10 @@ def check_canvas(width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
 
 
 def check_output_dir(path: str | Path) -> Path:
-    """`path` as a folder that exists or can be made: refused when it, or a folder above it, is not a folder."""
-    out = Path(path)
-    for folder in (out, *out.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise SpectralDiffusionError(f"output folder {out}: {folder} is a file, not a folder")
-            break
-    return out
+    """`path` as a folder that exists or is made now, and takes files: refused when it, or a folder above it, is a
+    file, or when it cannot be written."""
+    check_writable(path)
+    return Path(path)
 
 
 def parse_size(text: str) -> tuple[int, int]:

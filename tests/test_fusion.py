@@ -302,9 +302,9 @@ def test_closed_form_sums_the_layers_that_do_not_read_the_text(tiny_pipe) -> Non
 
 def test_non_finite_weights_are_refused(tiny_pipe, concepts) -> None:
     for bad in (float("nan"), float("inf")):
-        with pytest.raises(SpectralDiffusionError, match="concept weights must be finite numbers"):
+        with pytest.raises(SpectralDiffusionError, match="the weight of concept 2 must be a finite number"):
             fuse(concepts, tiny_pipe, weights=[1.0, bad])
-    with pytest.raises(SpectralDiffusionError, match="prior weight must be a finite number >= 0"):
+    with pytest.raises(SpectralDiffusionError, match="prior weight must be a finite number of at least 0"):
         fuse(concepts, tiny_pipe, "closed-form", prior_weight=-1)
 
 
@@ -389,3 +389,23 @@ def test_cli_fuse(tmp_path, tiny_model_dir, tiny_pipe, concepts, capsys) -> None
         warnings.simplefilter("error")
         assert main(["fuse", *paths, "--out", str(tmp_path / "x"), "--allow-overlap", *base]) == 0
     assert "warning: concepts" in capsys.readouterr().err
+
+
+def test_cli_fuse_refuses_an_unwritable_place_first_and_a_full_disk_in_one_line(
+        tmp_path, tiny_model_dir, tiny_pipe, concepts, capsys, monkeypatch) -> None:
+    paths = [str(save_concept(tmp_path / f"c{i}.safetensors", c)) for i, c in enumerate(concepts)]
+    (tmp_path / "a-file").write_text("x")
+    args = ["fuse", *paths, "--base", str(tiny_model_dir), "--method", "spectral"]
+    assert main([*args, "--out", str(tmp_path / "a-file" / "fused")]) == 2
+    a_file = tmp_path / "a-file"
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: cannot write to {a_file}: {a_file} is a file, "
+                                                            "not a folder"]
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "save_pretrained", full_disk)
+    assert main([*args, "--out", str(tmp_path / "fused")]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: could not complete: [Errno 28] No space left on device")  # after the loading bars (issue 12)
+    assert not (tmp_path / "fused").exists() and not list(tmp_path.glob(".fused*"))

@@ -198,7 +198,7 @@ def test_canvas_is_bounded(tiny_pipe) -> None:
     (["--region", "a cat:{tmp}/notes.txt"], r"region 'a cat': .*notes.txt is not a readable image"),
     (["--region", "a cat:{tmp}/bomb.png"], r"region 'a cat': .*bomb.png is not a readable image"),
     (["--region", "a cat:{tmp}/large.png"], r"mask image .*large.png is 9000x8000, more than 67108864 pixels"),
-    (["--out", "{tmp}/notes.txt"], r"output folder .*notes.txt: .*notes.txt is a file, not a folder"),
+    (["--out", "{tmp}/notes.txt"], r"cannot write to .*notes.txt: .*notes.txt is a file, not a folder"),
     (["--out", "{tmp}/notes.txt/images"], r"notes.txt is a file, not a folder"),
 ])
 def test_cli_generate_refuses_bad_numbers_and_files_before_loading_the_model(tmp_path, capsys, args,

@@ -301,7 +301,7 @@ def test_files_beside_the_output_and_unwritable_folders_are_refused_before_loadi
     with pytest.raises(SpectralDiffusionError, match="cannot write to .*a-file"):
         _config(photos, tmp_path / "a-file" / "dogA.safetensors", tiny_model_dir).check()
     for bad in ("nan", "inf"):
-        with pytest.raises(SpectralDiffusionError, match="--lr-unet must be a finite number >= 0"):
+        with pytest.raises(SpectralDiffusionError, match="--lr-unet must be a finite number of at least 0"):
             _config(photos, out, tiny_model_dir, lr_unet=float(bad)).check()
 
 

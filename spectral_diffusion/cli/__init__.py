@@ -1,7 +1,8 @@
 """`spectral-diffusion` command line: one sub-command per module in this package.
 
 Each sub-command module defines `register(subparsers)`, which adds its parser and sets `func(args) -> int | None`.
-User mistakes raise `SpectralDiffusionError`; they are printed as one line and exit with status 2.
+User mistakes raise `SpectralDiffusionError`; they are printed as one line and exit with status 2. A write that
+fails after the checks (a disk that fills up) is one line too, with status 1; the trainer keeps its work first.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import importlib
 import logging
 import os
 import sys
+
+from safetensors import SafetensorError
 
 from spectral_diffusion.errors import SpectralDiffusionError
 
@@ -65,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpectralDiffusionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, SafetensorError) as exc:  # a disk that filled up or went read-only while writing
+        print(f"error: could not complete: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

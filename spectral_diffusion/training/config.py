@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from spectral_diffusion.adapters import AdapterConfig
-from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.atomic import check_writable
+from spectral_diffusion.errors import SpectralDiffusionError, check_number
 from spectral_diffusion.models import DTYPES
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -28,16 +27,6 @@ def preview_path(out: str | Path) -> Path:
     """`dogA.safetensors` -> `dogA.preview.png`."""
     out = Path(out)
     return out.with_name(out.stem + ".preview.png")
-
-
-def check_writable(folder: Path) -> None:
-    """Create `folder` if needed and prove a file can be made in it, before any slow work."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
-            pass
-    except OSError as exc:
-        raise SpectralDiffusionError(f"cannot write to {folder}: {exc.strerror or exc}") from None
 
 
 @dataclass
@@ -130,8 +119,7 @@ class TrainConfig:
             if value < 1:
                 raise SpectralDiffusionError(f"--{name} must be at least 1, got {value}")
         for name, value in non_negative.items():
-            if not math.isfinite(value) or value < 0:
-                raise SpectralDiffusionError(f"--{name} must be a finite number >= 0, got {value}")
+            check_number(value, f"--{name}", low=0)
         if not 0 <= self.mask_floor <= 1:
             raise SpectralDiffusionError(f"--mask-floor must be between 0 and 1, got {self.mask_floor}")
         if self.dtype is not None and self.dtype not in DTYPES:

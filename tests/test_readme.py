@@ -1,0 +1,48 @@
+"""README's command lines, run as printed on the tiny model (fewer steps), and its train flags = the toy recipe."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+from spectral_diffusion.cli import main
+from spectral_diffusion.toyworld.recipe import RECIPE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `spectral-diffusion ...` line of README's "Using it" block, continuation lines joined."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Using it\s+```bash\n(.*?)```", text, flags=re.S).group(1)
+    joined = re.sub(r"\\\n\s*", " ", block)
+    return [shlex.split(line)[1:] for line in joined.splitlines() if line.startswith("spectral-diffusion ")]
+
+
+def test_readme_trains_with_the_toy_recipe() -> None:
+    trains = [args for args in readme_commands() if args[0] == "train"]
+    assert trains
+    flags = " ".join(RECIPE.cli_flags())
+    for args in trains:
+        assert flags in " ".join(args), args
+
+
+def test_readme_commands_run_on_the_tiny_model(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SPECTRAL_DIFFUSION_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "concepts").symlink_to(ROOT / "concepts")
+    ran = []
+    for args in readme_commands():
+        if args[0] == "app":  # starts a server; tests/test_app.py covers it
+            continue
+        args = [("2" if previous == "--steps" else arg) for previous, arg in zip([""] + args[:-1], args, strict=True)]
+        if args[0] in ("train", "fuse") or "--concepts" in args:
+            args += ["--base", str(tiny_model_dir)]
+        if args[0] == "train":
+            args += ["--preview-images", "0"]
+        assert main(args) == 0, args
+        ran.append(args[0])
+    assert ran == ["train", "train", "fuse", "generate", "generate", "export-lora"]
+    assert len(list((tmp_path / "images").glob("*.png"))) == 4 + 1
+    assert (tmp_path / "fused-model" / "model_index.json").is_file()
