@@ -5,7 +5,7 @@
 Each row changes the toy recipe (`toyworld/recipe.py`) in one way (targets, learning rates, token vectors, the
 locality term, where the bands sit). For a row, the demo's three concepts are trained alone (concept i in band i,
 or the row's bands), scored with their own model (live), then fused all three with the exact spectral sum and with
-the closed-form text-side merge, and scored again: identity (the judge's probability of the concept on its own
+the closed-form text-side merge (with the recipe's prior: ordinary captions of the world), and scored again: identity (the judge's probability of the concept on its own
 prompt), retention (fused / alone, mean over the concepts) and prompt fidelity (a background no photo had).
 Trained concepts and scores are cached under --cache, so an interrupted sweep continues where it stopped. Writes
 the table to docs/results/concept_recipe.md unless --no-write.
@@ -40,17 +40,23 @@ from spectral_diffusion.training.trainer import train
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "results" / "concept_recipe.md"
 FUSIONS = ("spectral", "closed-form")
-# name -> (changes to the recipe's TrainConfig, bands of the three concepts)
+# name -> (changes to the recipe's TrainConfig, bands of the three concepts); every row says its locality weight, so
+# a row keeps its meaning when the recipe's default changes
+OFF = {"locality_weight": 0.0}
+ON = {"locality_weight": 1.0}
 ROWS: dict[str, tuple[dict, tuple[int, int, int]]] = {
-    "attn+ff+conv (the old recipe)": ({"targets": "attn+ff+conv"}, (0, 1, 2)),
-    "attn (self- and cross-attention, text encoder)": ({"targets": "attn"}, (0, 1, 2)),
-    "kv (cross-attention K/V, text-encoder attention)": ({"targets": "kv"}, (0, 1, 2)),
-    "kv, locality 1": ({"targets": "kv", "locality_weight": 1.0}, (0, 1, 2)),
-    "kv, bands 5-7": ({"targets": "kv"}, (5, 6, 7)),
-    "kv, 4 token vectors": ({"targets": "kv", "num_vectors": 4}, (0, 1, 2)),
+    "attn+ff+conv (the old recipe)": ({"targets": "attn+ff+conv", **OFF}, (0, 1, 2)),
+    "attn (self- and cross-attention, text encoder)": ({"targets": "attn", **OFF}, (0, 1, 2)),
+    "kv (cross-attention K/V, text-encoder attention)": ({"targets": "kv", **OFF}, (0, 1, 2)),
+    "kv, locality 1": ({"targets": "kv", **ON}, (0, 1, 2)),
+    "kv, locality 1, bands 5-7": ({"targets": "kv", **ON}, (5, 6, 7)),
+    "kv, 4 token vectors": ({"targets": "kv", "num_vectors": 4, **OFF}, (0, 1, 2)),
     "kv, default rates (1e-3 / 1e-4, tokens 1e-3)": (
-        {"targets": "kv", "lr_unet": 1e-3, "lr_text": 1e-4, "lr_emb": 1e-3}, (0, 1, 2)),
-    "cross-attention K/V only": ({"targets": "unet.*.attn2.to_[kv]", "lr_text": 0.0}, (0, 1, 2)),
+        {"targets": "kv", "lr_unet": 1e-3, "lr_text": 1e-4, "lr_emb": 1e-3, **OFF}, (0, 1, 2)),
+    "cross-attention K/V only": ({"targets": "unet.*.attn2.to_[kv]", "lr_text": 0.0, **OFF}, (0, 1, 2)),
+    "kv, locality 1, 1600 steps": ({"targets": "kv", "steps": 1600, **ON}, (0, 1, 2)),
+    "kv, locality 1, 4 token vectors, tokens 1e-2": ({"targets": "kv", "num_vectors": 4, "lr_emb": 1e-2, **ON},
+                                                    (0, 1, 2)),
 }
 
 
@@ -83,7 +89,7 @@ def evaluate_row(base, judge: Judge, paths: dict[str, Path], sampling: Sampling)
     fused = {}
     for method in FUSIONS:
         pipe = copy.deepcopy(base)
-        fuse(list(paths.values()), pipe, method=method)
+        fuse(list(paths.values()), pipe, **RECIPE.fuse_options(method))
         fused[method] = {name: score_concept(pipe, judge, name, sampling).to_dict() for name in paths}
     return {"single": single, "fused": fused}
 
@@ -125,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.rows:
         changes, bands = ROWS[name]
         paths = train_row(args.cache, {"steps": args.steps, **changes}, bands, args.base, fingerprint)
-        key = digest([str(p.name) for p in paths.values()] + [asdict(sampling), FUSIONS])
+        key = digest([str(p.name) for p in paths.values()] + [asdict(sampling)]
+                     + [RECIPE.fuse_options(method) for method in FUSIONS])
         result_file = args.cache / "results" / f"{key}.json"
         if result_file.is_file():
             scores = json.loads(result_file.read_text())

@@ -71,6 +71,7 @@ BASELINES = ("mean", "sum", "ties", "dare", "gradient")
 # Each concept fused with the others reduced to their token rows (zero weight changes) by the exact sum: must score
 # exactly as alone, or the pipeline (tokens, fusion, scoring) is at fault rather than interference.
 CONTROL = "control"
+HALF = "spectral@0.5"  # the exact sum with every concept at weight 0.5: smaller weights against interference
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class Plan:
     def key(self) -> str:
         """Digest of everything that changes an evaluation (not the counts: each N is cached on its own)."""
         data = {k: v for k, v in asdict(self).items() if k != "counts"}
+        data["recipe"] = asdict(RECIPE)  # the fusion options (closed-form's prior) come from the recipe
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -95,7 +97,7 @@ QUICK = Plan(counts=(1, 2), steps=20, seeds=2, sample_steps=8)
 
 
 def methods_for(kind: str) -> tuple[str, ...]:
-    return (("spectral",) if kind in SPECTRAL_VARIANTS else ()) + ("closed-form",) + BASELINES + (CONTROL,)
+    return (("spectral", HALF) if kind in SPECTRAL_VARIANTS else ()) + ("closed-form",) + BASELINES + (CONTROL,)
 
 
 # ---- matched trainable-parameter budget -----------------------------------------------------------------------
@@ -218,7 +220,10 @@ def evaluate_fused(base: StableDiffusionPipeline, judge: Judge, names: Sequence[
     if method == CONTROL:
         return evaluate_control(base, judge, names, paths, sampling)
     pipe = copy.deepcopy(base)
-    report = fuse(list(paths), pipe, method=method)
+    if method == HALF:
+        report = fuse(list(paths), pipe, method="spectral", weights=[0.5] * len(paths))
+    else:
+        report = fuse(list(paths), pipe, **RECIPE.fuse_options(method))
     scores = {name: score_concept(pipe, judge, name, sampling).to_dict() for name in names}
     regional = [score_regional(pipe, judge, names[a], names[b], sampling, mode=mode).to_dict()
                 for a, b in regional_pairs(len(names)) for mode in REGION_MODES]

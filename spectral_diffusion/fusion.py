@@ -230,12 +230,14 @@ def add_tokens(pipe: StableDiffusionPipeline, concepts: Sequence[Concept]) -> No
 def fuse(concepts: Sequence[Concept | str | Path], pipe: StableDiffusionPipeline, method: str = "spectral",
          weights: Sequence[float] | None = None, *, allow_overlap: bool = False, seed: int = 0,
          density: float = 0.5, ridge: float = 1e-4, record_steps: int = 4,
-         record_size: int | None = None, prior_weight: float = 1.0) -> FusionReport:
+         record_size: int | None = None, prior_weight: float = 1.0,
+         prior_prompts: Sequence[str] = ()) -> FusionReport:
     """Merge `concepts` into `pipe`'s UNet / text-encoder weights in place and add all their tokens.
 
     `density`: fraction of entries kept by `ties` / `dare`; `seed`: DARE's drop pattern and gradient fusion's
     sampling noise; `ridge`: gradient and closed-form fusion; `record_steps`, `record_size` (px, default the model's
-    native size): gradient fusion; `prior_weight`: closed-form fusion's weight of ordinary prompts.
+    native size): gradient fusion; `prior_weight`: closed-form fusion's weight of ordinary prompts, `prior_prompts`:
+    more of them (captions of the base model's domain, as Custom Diffusion regularises with LAION captions).
     Every check runs before the pipeline is touched.
     """
     start = time.perf_counter()
@@ -270,9 +272,10 @@ def fuse(concepts: Sequence[Concept | str | Path], pipe: StableDiffusionPipeline
                                       seed=seed)
         timings["record"] = time.perf_counter() - recording
     if method == "closed-form":
-        options.update(ridge=ridge, prior_weight=prior_weight)
+        options.update(ridge=ridge, prior_weight=prior_weight, prior_prompts=len(prior_prompts))
         recording = time.perf_counter()
-        stats = record_text_stats(pipe, loaded, weights, factors, prior_weight=prior_weight)
+        stats = record_text_stats(pipe, loaded, weights, factors, prior_weight=prior_weight,
+                                  prior_prompts=prior_prompts)
         timings["record"] = time.perf_counter() - recording
     merging = time.perf_counter()
     with torch.no_grad():
@@ -402,9 +405,9 @@ def ordinary_prompts(metas: Sequence[ConceptMeta]) -> list[str]:
 
 def record_text_stats(pipe: StableDiffusionPipeline, concepts: Sequence[tuple[Concept, str | None]],
                       weights: Sequence[float], factors: Mapping[str, Sequence[Factors | None]], *,
-                      prior_weight: float = 1.0) -> dict[str, GradientStats]:
+                      prior_weight: float = 1.0, prior_prompts: Sequence[str] = ()) -> dict[str, GradientStats]:
     """Closed-form fusion statistics of the text-fed layers in `factors`: each concept's own model (the concept
-    live at its weight) encodes `concept_prompts`, the base encodes `ordinary_prompts`. Text-encoder layers' input
+    live at its weight) encodes `concept_prompts`, the base encodes `ordinary_prompts` and `prior_prompts`. Text-encoder layers' input
     Grams come from forward hooks, the cross-attention keys' and values' from the final encodings. Each group's Gram
     is a mean over its tokens (every concept counts alike, whatever its prompt count), the ordinary group's scaled
     by `prior_weight`. The pipeline must hold the concepts' tokens and no adapters; it is left as it was found."""
@@ -424,7 +427,8 @@ def record_text_stats(pipe: StableDiffusionPipeline, concepts: Sequence[tuple[Co
             accumulate(concept_prompts(concept.meta), i, 1.0)
         finally:
             remove_adapters(pipe.unet, pipe.text_encoder)
-    accumulate(ordinary_prompts([c.meta for c, _ in concepts]), None, prior_weight)
+    ordinary = sorted(set(ordinary_prompts([c.meta for c, _ in concepts])) | set(prior_prompts))
+    accumulate(ordinary, None, prior_weight)
     return stats
 
 

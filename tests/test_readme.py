@@ -17,7 +17,8 @@ def readme_commands() -> list[list[str]]:
     text = (ROOT / "README.md").read_text()
     block = re.search(r"## Using it\s+```bash\n(.*?)```", text, flags=re.S).group(1)
     joined = re.sub(r"\\\n\s*", " ", block)
-    return [shlex.split(line)[1:] for line in joined.splitlines() if line.startswith("spectral-diffusion ")]
+    lines = [line.split(" > ")[0] for line in joined.splitlines() if line.startswith("spectral-diffusion ")]
+    return [shlex.split(line)[1:] for line in lines]
 
 
 def test_readme_trains_with_the_toy_recipe() -> None:
@@ -28,13 +29,19 @@ def test_readme_trains_with_the_toy_recipe() -> None:
         assert flags in " ".join(args), args
 
 
-def test_readme_commands_run_on_the_tiny_model(tiny_model_dir, tmp_path, monkeypatch) -> None:
+def test_readme_commands_run_on_the_tiny_model(tiny_model_dir, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SPECTRAL_DIFFUSION_CACHE", str(tmp_path / "cache"))
     (tmp_path / "concepts").symlink_to(ROOT / "concepts")
     ran = []
     for args in readme_commands():
         if args[0] == "app":  # starts a server; tests/test_app.py covers it
+            continue
+        if args[0] == "toyworld":  # prints to stdout, which README redirects into a file
+            capsys.readouterr()
+            assert main(args) == 0
+            (tmp_path / "captions.txt").write_text(capsys.readouterr().out)
+            ran.append(args[0])
             continue
         args = [("2" if previous == "--steps" else arg) for previous, arg in zip([""] + args[:-1], args, strict=True)]
         if args[0] in ("train", "fuse") or "--concepts" in args:
@@ -43,6 +50,7 @@ def test_readme_commands_run_on_the_tiny_model(tiny_model_dir, tmp_path, monkeyp
             args += ["--preview-images", "0"]
         assert main(args) == 0, args
         ran.append(args[0])
-    assert ran == ["train", "train", "fuse", "generate", "generate", "export-lora"]
+    assert ran == ["train", "train", "toyworld", "fuse", "generate", "generate", "export-lora"]
+    assert len((tmp_path / "captions.txt").read_text().splitlines()) == 64
     assert len(list((tmp_path / "images").glob("*.png"))) == 4 + 1
     assert (tmp_path / "fused-model" / "model_index.json").is_file()

@@ -7,10 +7,11 @@ from pathlib import Path
 
 EPILOG = """\
 Trains three bundled toy-world concepts (a striped fish, a house with a red door, a bullseye) on the bundled toy
-model, each in its own SVD band (0, 1, 2) with a rank-4 additive Spectral Adapter on the attention, feed-forward and
-3x3 conv layers, fuses them exactly (spectral), and generates each concept alone, on a background its photos never
-had, and two concepts side by side with regional prompts (latent-window mode by default): with the fused model, and
-with the concepts live, each applied only in its own region. The judge (a classifier trained on renders) prints
+model with the toy recipe (`spectral-diffusion toyworld recipe`: a rank-4 additive Spectral Adapter on the text
+pathway, each concept in its own SVD band 0, 1, 2, with the text-side locality term), fuses them with the recipe's
+method (closed-form), and generates each concept alone, on a background its photos never had, and two concepts side
+by side with regional prompts (latent-window mode by default): with the fused model, and with the concepts live,
+each applied only in its own region. The judge (a classifier trained on renders) prints
 each concept's identity with its own model and in the fused model, the prompt fidelity, and the regional success.
 Writes OUT/grid.png, OUT/images/*.png (with generation metadata), OUT/concepts/*.safetensors and OUT/scores.json.
 A second run reuses the trained concepts; --overwrite retrains.

@@ -33,6 +33,14 @@ def parse_weights(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"weights must be comma-separated numbers such as 1,0.8, got {text!r}") from None
 
 
+def _read_prompts(path: str) -> list[str]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpectralDiffusionError(f"--prior-prompts {path}: cannot read it as UTF-8 text ({exc})") from None
+    return [line.strip() for line in lines if line.strip()]
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "fuse", help="merge several concept files into one model (diffusers folder, single file or LoRA)",
@@ -57,6 +65,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prior-weight", type=float, default=1.0,
                    help="closed-form: weight of ordinary prompts (kept as the base maps them) against the "
                         "concepts' own prompts (default: 1)")
+    p.add_argument("--prior-prompts", default=None, metavar="FILE",
+                   help="closed-form: a text file of ordinary captions (one per line) that must keep the base "
+                        "model's mapping, besides the empty prompt, the class words and the concepts' captions "
+                        "without their tokens (default: none)")
     p.add_argument("--record-steps", type=int, default=4,
                    help="gradient: sampling steps whose layer inputs are recorded per concept (default: 4)")
     p.add_argument("--record-size", type=int, default=None, metavar="PX",
@@ -70,12 +82,13 @@ def run(args: argparse.Namespace) -> int:
     check_output(out, args.overwrite)
     if args.record_steps < 1:
         raise SpectralDiffusionError(f"--record-steps must be >= 1, got {args.record_steps}")
+    prior_prompts = _read_prompts(args.prior_prompts) if args.prior_prompts else []
     pipe = load_base_from_args(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = fuse(args.concepts, pipe, args.method, args.weights, allow_overlap=args.allow_overlap,
                       seed=args.seed, density=args.density, ridge=args.ridge, record_steps=args.record_steps,
-                      record_size=args.record_size, prior_weight=args.prior_weight)
+                      record_size=args.record_size, prior_weight=args.prior_weight, prior_prompts=prior_prompts)
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
     paths = save_fused(pipe, report, out, args.format, lora_format=args.lora_format, overwrite=args.overwrite)

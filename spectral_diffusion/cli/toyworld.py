@@ -66,8 +66,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    "(spectral_diffusion/toyworld/recipe.py), as flags to paste after "
                                    "`spectral-diffusion train PHOTOS --token T --class-word W --out F`.")
     r.add_argument("--variant", default="additive", help="adapter kind whose learning rates to print (default: %(default)s)")
-    r.add_argument("--fusion", action="store_true", help="print the recipe's fusion method instead")
+    r.add_argument("--fusion", action="store_true",
+                   help="print the recipe's `fuse` flags instead (closed-form: use with the captions of `toyworld "
+                        "captions` as --prior-prompts)")
     r.set_defaults(func=_recipe)
+
+    k = sub.add_parser("captions", help="print captions of ordinary scenes, one per line (closed-form fusion's prior)")
+    k.add_argument("--num", type=int, default=64, help="how many (default: %(default)s)")
+    k.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    k.set_defaults(func=_captions)
 
     e = sub.add_parser("eval-base", help="judge the base model on vocabulary prompts (shape/colour/background)")
     add_base_arguments(e)
@@ -92,7 +99,20 @@ def _recipe(args: argparse.Namespace) -> None:
 
     if args.variant not in RECIPE.lrs:
         raise SpectralDiffusionError(f"unknown adapter variant {args.variant!r}; choose one of {', '.join(RECIPE.lrs)}")
-    print(RECIPE.fusion if args.fusion else shlex.join(RECIPE.cli_flags(args.variant)))
+    if args.fusion:
+        options = RECIPE.fuse_options()
+        flags = ["--method", str(options["method"])]
+        if "prior_weight" in options:
+            flags += ["--prior-weight", f"{options['prior_weight']:g}"]
+        print(shlex.join(flags))
+    else:
+        print(shlex.join(RECIPE.cli_flags(args.variant)))
+
+
+def _captions(args: argparse.Namespace) -> None:
+    from spectral_diffusion.toyworld.recipe import ordinary_captions
+
+    print("\n".join(ordinary_captions(args.num, args.seed)))
 
 
 def _pretrain(args: argparse.Namespace) -> None:

@@ -266,7 +266,7 @@ def run_demo(config: DemoConfig, judge: Judge | None = None, log: Callable[[str]
         regional = [score_regional(pipe, judge, a, b, sampling, mode="latent", model=f"{config.base}+live",
                                    scope=composer.scope) for a, b in pairs]
     composer.clear()
-    report = fuse(list(paths.values()), pipe, method=config.fusion)
+    report = fuse(list(paths.values()), pipe, **RECIPE.fuse_options(config.fusion))
     log(report.summary())
     fused = {name: score_concept(pipe, judge, name, sampling, config.new_background, model=f"{config.base}+fused")
              for name in paths}

@@ -10,15 +10,17 @@ API:
     RECIPE: Recipe                         # targets, rank, steps, learning rates per adapter kind, fusion method
     RECIPE.train_config(name, photo_dir, out, *, band, variant, seed, ...) -> TrainConfig
     RECIPE.cli_flags(variant) -> list[str]  # the same settings as `spectral-diffusion train` flags
+    ordinary_captions(n, seed) -> list[str]  # closed-form fusion's prior: captions of ordinary scenes
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from spectral_diffusion.errors import SpectralDiffusionError
-from spectral_diffusion.toyworld import concepts
+from spectral_diffusion.toyworld import concepts, render
 from spectral_diffusion.toyworld.scoring import concept_token
 from spectral_diffusion.training.checkpoint import checkpoint_dir
 from spectral_diffusion.training.config import TrainConfig
@@ -37,8 +39,10 @@ class Recipe:
         "additive": (3e-3, 1e-3), "rotational": (3e-3, 1e-3), "lora": (3e-3, 3e-4), "ortho": (1e-2, 1e-3)})
     lr_emb: float = 5e-3
     num_vectors: int = 2
-    locality_weight: float = 0.0
+    locality_weight: float = 1.0
     fusion: str = "closed-form"
+    prior_weight: float = 1.0  # closed-form fusion: weight of the ordinary captions (`ordinary_captions`)
+    prior_captions: int = 64
 
     def train_config(self, name: str, photo_dir: str | Path, out: str | Path, *, band: int | str = 0,
                      variant: str = "additive", base: str = "toy", device: str | None = None, seed: int = 0,
@@ -59,6 +63,15 @@ class Recipe:
             base=base, device=device, seed=seed, flip=False, checkpoint_every=0, preview_images=0,
             resume=checkpoint_dir(Path(out)).is_dir() and not overwrite, overwrite=overwrite, **settings)
 
+    def fuse_options(self, method: str | None = None) -> dict[str, object]:
+        """Keyword arguments of `fusion.fuse` for `method` (default: the recipe's): closed-form fusion gets the
+        world's ordinary captions as its prior."""
+        method = method or self.fusion
+        if method != "closed-form":
+            return {"method": method}
+        return {"method": method, "prior_weight": self.prior_weight,
+                "prior_prompts": ordinary_captions(self.prior_captions)}
+
     def cli_flags(self, variant: str = "additive") -> list[str]:
         """The recipe as `spectral-diffusion train` flags (README and `pipelines/` print these)."""
         lr_unet, lr_text = self.lrs[variant]
@@ -68,6 +81,13 @@ class Recipe:
         if self.locality_weight:
             flags += ["--locality-weight", f"{self.locality_weight:g}"]
         return flags
+
+
+def ordinary_captions(n: int = 64, seed: int = 0) -> list[str]:
+    """Captions of `n` seeded ordinary scenes of the world (never a held-out concept): what closed-form fusion keeps
+    mapped as the base does, as Custom Diffusion regularises its merge with real captions."""
+    rng = random.Random(seed)
+    return [render.caption(render.sample_spec(rng)) for _ in range(n)]
 
 
 RECIPE = Recipe()
