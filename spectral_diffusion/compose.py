@@ -2,8 +2,9 @@
 
 Each concept becomes one named adapter in the core's `AdapterLayer` wrappers, at scale = its weight, so the output is
 `W x + sum_i w_i dW_i x`: what `fusion.fuse(..., method="spectral")` bakes into the weights, to float rounding.
-Changing a weight is a `set_scale` on each wrapper (microseconds); adding or removing one concept touches only
-that concept's adapter and the tokens. Loaded concept files are cached (by path, size and modification time).
+Changing a weight is a `set_scale` on each wrapper (microseconds); adding or removing a concept rebuilds the live set
+in one canonical order from the cached concept files (by path, size and modification time), so an image depends
+only on the live set and weights, never on the calls before (it reproduces from its PNG metadata bit for bit).
 """
 
 from __future__ import annotations
@@ -76,27 +77,31 @@ class Composer:
         if any(p not in self._live or p in removed for p in wanted):  # a subset of a checked set needs no check
             check_concepts([(e.concept, str(p)) for p, e in entries.items()], self.fingerprint, self._tokenizer,
                            check_bands=True, allow_overlap=self.allow_overlap)
-        for path in removed:
-            live = self._live.pop(path)
-            for layer in live.layers:
-                layer.remove_adapter(live.entry.adapter)
-        added = [p for p in wanted if p not in self._live]
+        if removed or any(p not in self._live for p in wanted):
+            self._rebuild(wanted, entries)
         for path, weight in wanted.items():
-            entry = entries[path]
-            if path in added:
-                wrappers = load_adapter(self.pipe.unet, self.pipe.text_encoder, entry.concept.meta.variant,
-                                        entry.concept.layers, name=entry.adapter, scale=weight)
-                self._live[path] = _Live(entry, weight, list(wrappers.values()))
-            elif self._live[path].weight != weight:
+            if self._live[path].weight != weight:  # a scale is set, not accumulated: no float history
                 for layer in self._live[path].layers:
-                    layer.set_scale(entry.adapter, weight)
+                    layer.set_scale(self._live[path].entry.adapter, weight)
                 self._live[path].weight = weight
-        if removed:  # a tokenizer cannot forget a token: start again from the pristine copy
-            self.pipe.tokenizer = copy.deepcopy(self._tokenizer)
-        if removed or added:
-            add_tokens(self.pipe, [entries[p].concept for p in (wanted if removed else added)])
         if not wanted:
             remove_adapters(self.pipe.unet, self.pipe.text_encoder)
+
+    def _rebuild(self, wanted: Mapping[Path, float], entries: Mapping[Path, _Loaded]) -> None:
+        """Load the live set afresh in one order (by path): adapters are summed, and tokens added, in that order,
+        so the same set and weights give bit-identical images whatever the earlier calls (PNG metadata reproduces
+        them). A tokenizer cannot forget a token: tokens restart from the pristine copy."""
+        for live in self._live.values():
+            for layer in live.layers:
+                layer.remove_adapter(live.entry.adapter)
+        self._live = {}
+        for path in sorted(wanted):
+            entry = entries[path]
+            wrappers = load_adapter(self.pipe.unet, self.pipe.text_encoder, entry.concept.meta.variant,
+                                    entry.concept.layers, name=entry.adapter, scale=wanted[path])
+            self._live[path] = _Live(entry, wanted[path], list(wrappers.values()))
+        self.pipe.tokenizer = copy.deepcopy(self._tokenizer)
+        add_tokens(self.pipe, [entries[path].concept for path in sorted(wanted)])
 
     @contextmanager
     def scope(self, prompt: str) -> Iterator[None]:
