@@ -97,7 +97,8 @@ def evaluate_row(base, judge: Judge, paths: dict[str, Path], sampling: Sampling)
 def row_line(name: str, scores: dict) -> str:
     single = scores["single"]
     alone = [single[c]["identity"] for c in DEMO_CONCEPTS]
-    cells = [name, " / ".join(f"{v:.2f}" for v in alone)]
+    alone_fidelity = sum(single[c]["fidelity"] for c in DEMO_CONCEPTS) / len(DEMO_CONCEPTS)
+    cells = [name, " / ".join(f"{v:.2f}" for v in alone), f"{alone_fidelity:.2f}"]
     for method in FUSIONS:
         fused = scores["fused"][method]
         ids = [fused[c]["identity"] for c in DEMO_CONCEPTS]
@@ -143,8 +144,8 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(row_line(name, scores))
         print(lines[-1], flush=True)
     names = " / ".join(DEMO_CONCEPTS)
-    head = (f"| row | identity alone ({names}) | spectral: identity fused | retention | fidelity | "
-            "closed-form: identity fused | retention | fidelity |\n|" + " --- |" * 8)
+    head = (f"| row | identity alone ({names}) | fidelity alone | spectral: identity fused | retention | fidelity | "
+            "closed-form: identity fused | retention | fidelity |\n|" + " --- |" * 9)
     table = "\n".join([head, *lines])
     print(table)
     if not args.no_write:
@@ -154,8 +155,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"the toy recipe (`toyworld/recipe.py`: {RECIPE.targets}, rank {RECIPE.rank}, {args.steps} steps, "
                 f"batch {RECIPE.batch_size}, UNet / text / token rates {RECIPE.lrs['additive'][0]:g} / "
                 f"{RECIPE.lrs['additive'][1]:g} / {RECIPE.lr_emb:g}, additive) with the row's change; the demo's "
-                f"three concepts fused together (N = 3); {args.seeds} seeds per prompt, {sampling.steps} DPM++ steps, "
-                f"CFG {sampling.guidance:g}.\n\n{table}\n")
+                f"three concepts fused together (N = 3); closed-form with the recipe's prior ({RECIPE.prior_captions} "
+                f"ordinary captions, weight {RECIPE.prior_weight:g}); {args.seeds} seeds per prompt, {sampling.steps} "
+                f"DPM++ steps, CFG {sampling.guidance:g}. Fidelity: the mean probability of the dotted background "
+                f"when asked for it; retention: fused identity / alone identity, summed over the three.\n\n{table}\n")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         print(f"wrote {args.out}")

@@ -11,12 +11,14 @@ set -euo pipefail
 OUT=${1:-toy-three-concepts}
 BASE=${BASE:-toy}
 SD=${SD:-spectral-diffusion}
-# The toy recipe (spectral_diffusion/toyworld/recipe.py) as train flags, and its fusion method.
+# The toy recipe (spectral_diffusion/toyworld/recipe.py) as train flags, its fuse flags, and the ordinary captions
+# that closed-form fusion keeps mapped as the base does.
 read -r -a RECIPE <<<"$("$SD" toyworld recipe)"
-FUSION=$("$SD" toyworld recipe --fusion)
+read -r -a FUSION <<<"$("$SD" toyworld recipe --fusion)"
 PHOTOS="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/concepts/toyworld"
 CONCEPTS=("striped_fish fish" "red_door_house house" "bullseye circle")
 mkdir -p "$OUT"
+"$SD" toyworld captions > "$OUT/captions.txt"
 
 for entry in "${CONCEPTS[@]}"; do
   read -r name class <<<"$entry"
@@ -28,7 +30,7 @@ for entry in "${CONCEPTS[@]}"; do
 done
 
 "$SD" fuse "$OUT/striped_fish.safetensors" "$OUT/red_door_house.safetensors" "$OUT/bullseye.safetensors" \
-  --base "$BASE" --method "$FUSION" --out "$OUT/fused" --overwrite
+  --base "$BASE" "${FUSION[@]}" --prior-prompts "$OUT/captions.txt" --out "$OUT/fused" --overwrite
 
 for entry in "${CONCEPTS[@]}"; do
   read -r name class <<<"$entry"
@@ -38,8 +40,8 @@ done
 
 # Three regions on a 192x64 canvas: a third of the width per concept, each denoised in its own native-size window
 # (latent mode: the toy base never drew two objects in one image), with the concepts live rather than fused, each
-# applied only in the region that names its token (in the fused model the band-0 concept bleeds into every prompt,
-# docs/toyworld.md).
+# applied only in the region that names its token (fused models keep only part of each identity side by side:
+# docs/results/fusion_quality.md).
 "$SD" generate --base "$BASE" --concepts "$OUT/striped_fish.safetensors" "$OUT/red_door_house.safetensors" \
   "$OUT/bullseye.safetensors" --size 192x64 --n 4 --seed 1000 --guidance 5 --out "$OUT/images" --region-mode latent \
   --prompt "a photo of <striped_fish> fish and <red_door_house> house and <bullseye> circle on a gray background" \
