@@ -243,6 +243,8 @@ def fuse(concepts: Sequence[Concept | str | Path], pipe: StableDiffusionPipeline
     start = time.perf_counter()
     weights = [1.0] * len(concepts) if weights is None else [float(w) for w in weights]
     _check_request(method, len(concepts), weights, density, ridge, prior_weight)
+    if prior_prompts and method != "closed-form":
+        raise SpectralDiffusionError(f"prior prompts are for closed-form fusion; {method} does not use them")
     if adapter_layers(pipe.unet, pipe.text_encoder):
         raise SpectralDiffusionError("the pipeline has live adapters; fuse into a plain base model")
     loaded = load_concepts(concepts)
@@ -407,17 +409,19 @@ def record_text_stats(pipe: StableDiffusionPipeline, concepts: Sequence[tuple[Co
                       weights: Sequence[float], factors: Mapping[str, Sequence[Factors | None]], *,
                       prior_weight: float = 1.0, prior_prompts: Sequence[str] = ()) -> dict[str, GradientStats]:
     """Closed-form fusion statistics of the text-fed layers in `factors`: each concept's own model (the concept
-    live at its weight) encodes `concept_prompts`, the base encodes `ordinary_prompts` and `prior_prompts`. Text-encoder layers' input
-    Grams come from forward hooks, the cross-attention keys' and values' from the final encodings. Each group's Gram
-    is a mean over its tokens (every concept counts alike, whatever its prompt count), the ordinary group's scaled
-    by `prior_weight`. The pipeline must hold the concepts' tokens and no adapters; it is left as it was found."""
+    live at its weight) encodes `concept_prompts`, the base encodes `ordinary_prompts` and `prior_prompts`.
+    Text-encoder layers' input Grams come from forward hooks, the cross-attention keys' and values' from the final
+    encodings. Each group's Gram is a mean over its tokens (every concept counts alike, whatever its prompt count),
+    the ordinary group's scaled by `prior_weight`. The pipeline must hold the concepts' tokens and no adapters; it is
+    left as it was found."""
     names = [name for name in factors if is_text_fed(name)]
+    modules = adaptable_layers(pipe.unet, pipe.text_encoder)
     stats: dict[str, GradientStats] = {}
 
     def accumulate(prompts: list[str], index: int | None, scale: float) -> None:
         for name, gram in _text_grams(pipe, names, prompts).items():
             if name not in stats:
-                out_features = weight_matrix(unwrap(adaptable_layers(pipe.unet, pipe.text_encoder)[name])).shape[0]
+                out_features = weight_matrix(unwrap(modules[name])).shape[0]
                 stats[name] = GradientStats.zeros(out_features, gram.shape[0], gram.device)
             stats[name].add(scale * gram, None if index is None else factors[name][index])
 
