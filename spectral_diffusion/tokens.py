@@ -32,9 +32,13 @@ def token_names(token: str, num_vectors: int) -> list[str]:
 
 
 def check_new_token(tokenizer: PreTrainedTokenizerBase, token: str, num_vectors: int = 1) -> None:
-    """Refuse a token that is empty, has spaces, or (with its `_i` siblings) already means something."""
+    """Refuse a token that is empty, has spaces or braces (caption placeholders such as `{class_word}` are replaced
+    before the token is ever seen, so it would never be trained), or (with its `_i` siblings) already means something."""
     if not token or token != token.strip() or len(token.split()) != 1:
         raise SpectralDiffusionError(f"token {token!r} must be one word without spaces, e.g. <dogA>")
+    if "{" in token or "}" in token:
+        raise SpectralDiffusionError(f"token {token!r} must not contain braces: captions use {{token}} and "
+                                     "{class_word} as placeholders; pick a word such as <dogA>")
     vocab = tokenizer.get_vocab()
     for name in token_names(token, num_vectors):
         if name in vocab or len(tokenizer.tokenize(name)) == 1:  # one piece: an existing word or added token

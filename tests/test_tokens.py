@@ -38,12 +38,13 @@ def test_added_tokens_expand_in_prompts_and_keep_old_rows(tiny_pipe: StableDiffu
     assert ids[2:5] == token_ids(tokenizer, names)
 
 
-@pytest.mark.parametrize("token", ["dog", "<dogA>", "<dogA>_1", "two words", ""])
+@pytest.mark.parametrize("token", ["dog", "<dogA>", "<dogA>_1", "two words", "", "{class_word}", "<{token}>"])
 def test_taken_or_malformed_tokens_are_refused(tiny_pipe: StableDiffusionPipeline, token: str) -> None:
     dim = tiny_pipe.text_encoder.get_input_embeddings().embedding_dim
     add_concept_tokens(tiny_pipe.tokenizer, tiny_pipe.text_encoder, "<dogA>", torch.zeros(2, dim))
     size = len(tiny_pipe.tokenizer)
-    message = "already in the tokenizer's vocabulary" if token in ("dog", "<dogA>", "<dogA>_1") else "one word"
+    message = ("already in the tokenizer's vocabulary" if token in ("dog", "<dogA>", "<dogA>_1")
+               else "must not contain braces" if "{" in token else "one word")
     with pytest.raises(SpectralDiffusionError, match=message):
         add_concept_tokens(tiny_pipe.tokenizer, tiny_pipe.text_encoder, token, torch.zeros(1, dim))
     assert len(tiny_pipe.tokenizer) == size  # nothing half-added
