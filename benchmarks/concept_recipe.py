@@ -3,10 +3,11 @@
     .venv/bin/python benchmarks/concept_recipe.py [--rows NAME ...] [--seeds K] [--cache DIR] [--out FILE]
 
 Each row changes the toy recipe (`toyworld/recipe.py`) in one way (targets, learning rates, token vectors, the
-locality term, where the bands sit). For a row, the demo's three concepts are trained alone (concept i in band i,
-or the row's bands), scored with their own model (live), then fused all three with the exact spectral sum and with
-the closed-form text-side merge (with the recipe's prior: ordinary captions of the world), and scored again: identity (the judge's probability of the concept on its own
-prompt), retention (fused / alone, mean over the concepts) and prompt fidelity (a background no photo had).
+locality term, steps, where the bands sit). For a row, the demo's three concepts are trained alone (concept i in
+band i, or the row's bands), scored with their own model (live), then fused all three with the exact spectral sum and
+with the closed-form text-side merge (with the recipe's prior: ordinary captions of the world), and scored again:
+identity (the judge's probability of the concept on its own prompt), retention (fused / alone, summed over the
+concepts) and prompt fidelity (a background no photo had).
 Trained concepts and scores are cached under --cache, so an interrupted sweep continues where it stopped. Writes
 the table to docs/results/concept_recipe.md unless --no-write.
 """
@@ -55,6 +56,7 @@ ROWS: dict[str, tuple[dict, tuple[int, int, int]]] = {
         {"targets": "kv", "lr_unet": 1e-3, "lr_text": 1e-4, "lr_emb": 1e-3, **OFF}, (0, 1, 2)),
     "cross-attention K/V only": ({"targets": "unet.*.attn2.to_[kv]", "lr_text": 0.0, **OFF}, (0, 1, 2)),
     "kv, locality 1, 1600 steps": ({"targets": "kv", "steps": 1600, **ON}, (0, 1, 2)),
+    "kv, locality 1, rates 1e-2 / 3e-3": ({"targets": "kv", "lr_unet": 1e-2, "lr_text": 3e-3, **ON}, (0, 1, 2)),
     "kv, locality 1, 4 token vectors, tokens 1e-2": ({"targets": "kv", "num_vectors": 4, "lr_emb": 1e-2, **ON},
                                                     (0, 1, 2)),
 }

@@ -302,7 +302,8 @@ class Trainer:
             "grad_accum": c.grad_accum, "resolution": self.resolution, "lr_unet": lr_unet, "lr_text": lr_text,
             "lr_emb": lr_emb, "warmup_steps": self.warmup, "weight_decay": c.weight_decay,
             "max_grad_norm": c.max_grad_norm, "seed": c.seed, "noise_offset": c.noise_offset,
-            "snr_gamma": c.snr_gamma, "locality_weight": c.locality_weight, "num_vectors": c.num_vectors, "emb_norm_cap": self.norm_cap,
+            "snr_gamma": c.snr_gamma, "locality_weight": c.locality_weight, "num_vectors": c.num_vectors,
+            "emb_norm_cap": self.norm_cap,
             "prior_weight": c.prior_weight if self.prior else 0.0, "mask_floor": c.mask_floor, "flip": c.flip,
             "images": [e.name for e in self.data.examples],
             "captions": sorted({e.caption for e in self.data.examples}),  # what closed-form fusion re-encodes
@@ -415,7 +416,8 @@ class Trainer:
             base = encode()
             base_kv = [w.base(base) for w in kv]
         adapted = encode()
-        terms = [relative_mse(adapted, base)] + [relative_mse(w(adapted), b) for w, b in zip(kv, base_kv, strict=True)]
+        terms = [relative_mse(adapted, base)]
+        terms += [relative_mse(w(adapted), b) for w, b in zip(kv, base_kv, strict=True)]
         return torch.stack(terms).mean()
 
     def _train_step(self, step: int) -> float:
@@ -568,8 +570,8 @@ class Trainer:
             "preview": preview.name if preview else None,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        atomic_write(sidecar_path(self.out), lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n",
-                                                      encoding="utf-8"))
+        text = json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n"
+        atomic_write(sidecar_path(self.out), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _spec_for_listing(spec: str) -> str:
