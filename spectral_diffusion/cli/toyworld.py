@@ -94,11 +94,8 @@ def _render_concepts(args: argparse.Namespace) -> None:
 
 
 def _recipe(args: argparse.Namespace) -> None:
-    from spectral_diffusion.errors import SpectralDiffusionError
     from spectral_diffusion.toyworld.recipe import RECIPE
 
-    if args.variant not in RECIPE.lrs:
-        raise SpectralDiffusionError(f"unknown adapter variant {args.variant!r}; choose one of {', '.join(RECIPE.lrs)}")
     if args.fusion:
         options = RECIPE.fuse_options()
         flags = ["--method", str(options["method"])]

@@ -44,20 +44,22 @@ class Recipe:
     prior_weight: float = 1.0  # closed-form fusion: weight of the ordinary captions (`ordinary_captions`)
     prior_captions: int = 64
 
+    def settings(self, variant: str = "additive") -> dict[str, object]:
+        """The recipe's `TrainConfig` fields for an adapter kind (one source for `train_config` and `cli_flags`)."""
+        if variant not in self.lrs:
+            raise SpectralDiffusionError(f"unknown adapter variant {variant!r}; choose one of {', '.join(self.lrs)}")
+        lr_unet, lr_text = self.lrs[variant]
+        return dict(variant=variant, rank=self.rank, targets=self.targets, steps=self.steps,
+                    batch_size=self.batch_size, lr_unet=lr_unet, lr_text=lr_text, lr_emb=self.lr_emb,
+                    num_vectors=self.num_vectors, locality_weight=self.locality_weight)
+
     def train_config(self, name: str, photo_dir: str | Path, out: str | Path, *, band: int | str = 0,
                      variant: str = "additive", base: str = "toy", device: str | None = None, seed: int = 0,
                      overwrite: bool = False, **changes: object) -> TrainConfig:
         """Concept `name` trained by this recipe: no flips (the concepts are not mirror-symmetric), no checkpoints
         on schedule and no preview (the caller samples); an interrupted run resumes from its Ctrl-C checkpoint.
         `changes` override TrainConfig fields (a sweep's row)."""
-        if variant not in self.lrs:
-            raise SpectralDiffusionError(f"unknown adapter variant {variant!r}; choose one of {', '.join(self.lrs)}")
-        lr_unet, lr_text = self.lrs[variant]
-        settings: dict[str, object] = dict(
-            variant=variant, band=band, rank=self.rank, targets=self.targets, steps=self.steps,
-            batch_size=self.batch_size, lr_unet=lr_unet, lr_text=lr_text, lr_emb=self.lr_emb,
-            num_vectors=self.num_vectors, locality_weight=self.locality_weight)
-        settings.update(changes)
+        settings = {**self.settings(variant), "band": band, **changes}
         return TrainConfig(
             photo_dir=photo_dir, token=concept_token(name), out=out, class_word=concepts.get_concept(name).class_word,
             base=base, device=device, seed=seed, flip=False, checkpoint_every=0, preview_images=0,
@@ -74,13 +76,10 @@ class Recipe:
 
     def cli_flags(self, variant: str = "additive") -> list[str]:
         """The recipe as `spectral-diffusion train` flags (README and `pipelines/` print these)."""
-        lr_unet, lr_text = self.lrs[variant]
-        flags = ["--variant", variant, "--rank", str(self.rank), "--targets", self.targets, "--steps",
-                 str(self.steps), "--batch-size", str(self.batch_size), "--lr-unet", f"{lr_unet:g}", "--lr-text",
-                 f"{lr_text:g}", "--lr-emb", f"{self.lr_emb:g}", "--num-vectors", str(self.num_vectors), "--no-flip"]
-        if self.locality_weight:
-            flags += ["--locality-weight", f"{self.locality_weight:g}"]
-        return flags
+        flags = []
+        for key, value in self.settings(variant).items():
+            flags += [f"--{key.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
+        return [*flags, "--no-flip"]
 
 
 def ordinary_captions(n: int = 64, seed: int = 0) -> list[str]:
