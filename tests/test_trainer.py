@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,7 +92,7 @@ def test_loss_falls_when_overfitting_one_batch(tiny_pipe: StableDiffusionPipelin
     folder.mkdir()
     shutil.copy(PHOTOS / "lion.jpg", folder)
     # The same crop, noise and timestep every step: a fixed batch to overfit.
-    monkeypatch.setattr(trainer_module, "step_generator", lambda seed, step, process: torch.Generator().manual_seed(0))
+    monkeypatch.setattr(trainer_module, "sample_generator", lambda seed, index, stream=0: torch.Generator().manual_seed(0))
     losses: list[float] = []
     train(_config(folder, tmp_path / "lion.safetensors", tiny_model_dir, steps=50, flip=False, lr_unet=1e-2,
                   lr_text=1e-3, noise_offset=0.0, warmup_steps=0), pipe=tiny_pipe,
@@ -321,3 +324,25 @@ def test_a_failed_final_write_keeps_the_training_for_resume(tiny_pipe: StableDif
     monkeypatch.undo()
     assert train(_config(photos, out, tiny_model_dir, resume=True)) == out
     assert load_concept(out).meta.training["steps"] == 2 and not checkpoint_dir(out).exists()
+
+
+def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(photos: Path, tmp_path: Path,
+                                                                           tiny_model_dir: Path) -> None:
+    """Data parallel: `torchrun` with 2 CPU processes of batch 1 = one process of batch 2 (every draw belongs to
+    its sample, and gradients are averaged over processes)."""
+    args = ["train", str(photos), "--token", "<dogA>", "--class-word", "dog", "--base", str(tiny_model_dir),
+            "--device", "cpu", "--steps", "3", "--rank", "4", "--band", "0", "--seed", "3", "--preview-images", "0",
+            "--checkpoint-every", "0"]
+    two = tmp_path / "two.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "spectral_diffusion", *args, "--batch-size", "1",
+                    "--out", str(two)], check=True, env=env, capture_output=True, timeout=300)
+    one = tmp_path / "one.safetensors"
+    assert main([*args, "--batch-size", "2", "--out", str(one)]) == 0
+    a, b = load_concept(two), load_concept(one)
+    assert a.meta.training["processes"] == 2 and b.meta.training["processes"] == 1
+    for layer, state in b.layers.items():
+        for key, tensor in state.items():
+            torch.testing.assert_close(a.layers[layer][key], tensor, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a.token_embeddings, b.token_embeddings, atol=1e-5, rtol=1e-4)

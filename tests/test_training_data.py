@@ -136,9 +136,10 @@ def test_masks_follow_the_image_through_crop_and_flip(tmp_path: Path) -> None:
 def test_augmentation_is_a_function_of_the_generator(tmp_path: Path) -> None:
     _position_image(64).convert("RGB").save(tmp_path / "a.png")
     data = ExampleSet(load_folder(tmp_path, 32, "<x>"), 32, flip=False)
-    first = data.batch([0, 0], torch.Generator().manual_seed(3))
-    again = data.batch([0, 0], torch.Generator().manual_seed(3))
+    gens = lambda: [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]  # noqa: E731
+    first, again = data.batch([0, 0], gens()), data.batch([0, 0], gens())
     assert torch.equal(first["pixel_values"], again["pixel_values"])
+    assert torch.equal(first["pixel_values"][1], data.item(0, torch.Generator().manual_seed(4))[0])  # its own draw
     assert first["masks"].shape == (2, 1, 32, 32) and bool((first["masks"] == 1).all())
     crops = {int(data.item(0, torch.Generator().manual_seed(s))[0][0, 0, 0] * 1000) for s in range(20)}
     assert len(crops) > 3  # the crop moves

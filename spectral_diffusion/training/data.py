@@ -212,9 +212,10 @@ class ExampleSet:
             mask = None if mask is None else mask.flip(-1)
         return pixels, mask, ex.caption
 
-    def batch(self, indices: Sequence[int], generator: torch.Generator) -> dict:
-        """Stack items; examples without a mask get an all-ones mask so a batch always has one."""
-        items = [self.item(i, generator) for i in indices]
+    def batch(self, indices: Sequence[int], generators: Sequence[torch.Generator]) -> dict:
+        """Stack items, each drawn from its own generator; examples without a mask get an all-ones mask so a batch
+        always has one."""
+        items = [self.item(i, g) for i, g in zip(indices, generators, strict=True)]
         pixels = torch.stack([p for p, _, _ in items])
         masks = torch.stack([torch.ones_like(p[:1]) if m is None else m for p, m, _ in items])
         return {"pixel_values": pixels, "masks": masks, "captions": [c for _, _, c in items]}

@@ -3,7 +3,8 @@
 Only the adapter's trainable tensors and the new tokens' embedding rows change; every base weight stays
 bit-identical. The loop runs under `accelerate` (gradient accumulation, mixed precision, and multi-GPU data
 parallel when started with `accelerate launch`). Everything random in a step (data order, crops, flips, VAE
-sampling, noise, timesteps) is drawn from a generator seeded by (seed, micro-step, process), so a run resumed from
+sampling, noise, timesteps) is drawn from a generator of its own sample, seeded by (seed, the sample's global index), so a
+run with P processes of batch B draws exactly what one process of batch P*B draws, and a run resumed from
 a checkpoint ends with exactly the weights of an uninterrupted one.
 """
 
@@ -30,6 +31,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import compute_snr
 from diffusers.utils import make_image_grid
+from diffusers.utils.torch_utils import randn_tensor
 from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
@@ -126,9 +128,10 @@ def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float)
     return clipped / snr
 
 
-def step_generator(seed: int, micro_step: int, process: int) -> torch.Generator:
-    """The CPU generator for one micro-batch: a pure function of (seed, micro-step, process)."""
-    state = np.random.SeedSequence([seed, micro_step, process]).generate_state(2, np.uint64)
+def sample_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
+    """The CPU generator of one training sample: a pure function of (seed, the sample's global index, stream), so the
+    draws do not depend on how samples are split into processes and micro-batches (stream 1: prior images)."""
+    state = np.random.SeedSequence([seed, index, stream]).generate_state(2, np.uint64)
     return torch.Generator().manual_seed(int(state[0]) >> 1)
 
 
@@ -349,32 +352,35 @@ class Trainer:
         return tokenizer(expand_prompt(tokenizer, captions), padding="max_length", truncation=True,
                          max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
 
-    def _batch(self, micro_step: int, generator: torch.Generator) -> dict:
-        """`batch_size` concept images, then as many prior images if there is a prior folder."""
-        size = self.config.batch_size
+    def _batch(self, micro_step: int) -> tuple[dict, list[torch.Generator]]:
+        """`batch_size` concept images, then as many prior images if there is a prior folder, with one generator per
+        image (what every later draw for that image uses)."""
+        size, seed = self.config.batch_size, self.config.seed
         slot = (micro_step * self.accelerator.num_processes + self.accelerator.process_index) * size
-        batch = self.data.batch(sample_order(len(self.data), self.config.seed, slot, size), generator)
+        generators = [sample_generator(seed, slot + i) for i in range(size)]
+        batch = self.data.batch(sample_order(len(self.data), seed, slot, size), generators)
         if self.prior is not None:
-            prior_order = sample_order(len(self.prior), self.config.seed + _PRIOR_SEED_OFFSET, slot, size)
-            prior = self.prior.batch(prior_order, generator)
+            prior_generators = [sample_generator(seed, slot + i, stream=1) for i in range(size)]
+            prior_order = sample_order(len(self.prior), seed + _PRIOR_SEED_OFFSET, slot, size)
+            prior = self.prior.batch(prior_order, prior_generators)
             batch = {k: torch.cat([batch[k], prior[k]]) if k != "captions" else batch[k] + prior[k] for k in batch}
-        return batch
+            generators += prior_generators
+        return batch, generators
 
     def _loss(self, micro_step: int) -> torch.Tensor:
-        generator = step_generator(self.config.seed, micro_step, self.accelerator.process_index)
-        batch = self._batch(micro_step, generator)
+        batch, generators = self._batch(micro_step)
         device, vae = self.accelerator.device, self.pipe.vae
         with torch.no_grad():
             pixels = batch["pixel_values"].to(device, vae.dtype)
-            latents = vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
+            latents = vae.encode(pixels).latent_dist.sample(generators) * vae.config.scaling_factor
         latents = latents.float()
-        noise = torch.randn(latents.shape, generator=generator).to(device)
+        noise = randn_tensor(latents.shape, generator=generators, device=device)
         if self.config.noise_offset:
-            offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(device)
+            offset = randn_tensor(latents.shape[:2] + (1, 1), generator=generators, device=device)
             noise = noise + self.config.noise_offset * offset
         schedule = self.noise_scheduler
-        timesteps = torch.randint(0, schedule.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=generator).to(device)
+        timesteps = torch.cat([torch.randint(0, schedule.config.num_train_timesteps, (1,), generator=g)
+                               for g in generators]).to(device)
         noisy = schedule.add_noise(latents, noise, timesteps)
         v_prediction = schedule.config.prediction_type == "v_prediction"
         target = schedule.get_velocity(latents, noise, timesteps) if v_prediction else noise
@@ -388,7 +394,7 @@ class Trainer:
         if self.prior is not None:
             loss = loss + self.config.prior_weight * per_sample[n:].mean()
         if self.config.locality_weight > 0:
-            loss = loss + self.config.locality_weight * self.locality_loss(batch["captions"][:n], generator)
+            loss = loss + self.config.locality_weight * self.locality_loss(batch["captions"][:n], generators[0])
         return loss
 
     def locality_loss(self, captions: list[str], generator: torch.Generator) -> torch.Tensor:
