@@ -344,5 +344,5 @@ def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(photo
     assert a.meta.training["processes"] == 2 and b.meta.training["processes"] == 1
     for layer, state in b.layers.items():
         for key, tensor in state.items():
-            torch.testing.assert_close(a.layers[layer][key], tensor, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(a.token_embeddings, b.token_embeddings, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(a.layers[layer][key], tensor, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(a.token_embeddings, b.token_embeddings, atol=1e-4, rtol=1e-3)
