@@ -274,7 +274,8 @@ def fuse(concepts: Sequence[Concept | str | Path], pipe: StableDiffusionPipeline
                                       seed=seed)
         timings["record"] = time.perf_counter() - recording
     if method == "closed-form":
-        options.update(ridge=ridge, prior_weight=prior_weight, prior_prompts=len(prior_prompts))
+        # the prompts themselves go into fusion.json: the merge can be redone from the record
+        options.update(ridge=ridge, prior_weight=prior_weight, prior_prompts=list(prior_prompts))
         recording = time.perf_counter()
         stats = record_text_stats(pipe, loaded, weights, factors, prior_weight=prior_weight,
                                   prior_prompts=prior_prompts)

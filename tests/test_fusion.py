@@ -281,7 +281,7 @@ def test_closed_form_keeps_one_concept_exact_without_prior(tiny_pipe) -> None:
     name = next(iter(concept.layers))
     w0 = _weights(tiny_pipe)[name]
     report = fuse([concept], tiny_pipe, "closed-form", prior_weight=0.0, ridge=1e-6)
-    assert report.options == {"ridge": 1e-6, "prior_weight": 0.0, "prior_prompts": 0} and "record" in report.timings
+    assert report.options == {"ridge": 1e-6, "prior_weight": 0.0, "prior_prompts": []} and "record" in report.timings
     hidden = tiny_pipe.encode_prompt(["a photo of <dogA> dog"], "cpu", 1, False)[0][0]
     up, down = concept.delta_factors(name)
     own = hidden @ (w0 + up @ down).mT
@@ -294,7 +294,7 @@ def test_closed_form_prior_prompts_keep_the_base_mapping(tiny_pipe) -> None:
     w0 = _weights(tiny_pipe)[name]
     ordinary = "a photo of a cat in the snow"
     report = fuse([concept], tiny_pipe, "closed-form", prior_prompts=[ordinary], prior_weight=1e4)
-    assert report.options["prior_prompts"] == 1
+    assert report.options["prior_prompts"] == [ordinary]
     hidden = tiny_pipe.encode_prompt([ordinary], "cpu", 1, False)[0][0]
     base = hidden @ w0.mT
     assert torch.allclose(hidden @ _weights(tiny_pipe)[name].mT, base, atol=1e-2 * base.abs().max().item())

@@ -229,3 +229,21 @@ def test_cli_train_judge_writes_weights_and_report(tmp_path, capsys):
                                                                              "background"}
     assert Judge.load(out).predict([render.render_scene(render.sample_spec(random.Random(0)))])["shape"].shape == (1, 8)
     assert json.loads(out.with_suffix(".json").read_text())["validation"] == report
+
+
+def test_pretrain_reuses_the_vae_of_a_model_folder(tmp_path):
+    first = PretrainConfig(out=tmp_path / "run", model_dir=tmp_path / "model", vae_minutes=0, unet_minutes=0,
+                           num_scenes=48)
+    pretrain(first)
+    with pytest.raises(SpectralDiffusionError, match="--vae-from .*no vae/\\*.safetensors"):
+        pretrain(PretrainConfig(out=tmp_path / "bad", model_dir=tmp_path / "m2", vae_from=tmp_path / "run",
+                                unet_minutes=0, num_scenes=48))
+    assert not (tmp_path / "bad").exists()  # refused before rendering or writing anything
+    second = PretrainConfig(out=tmp_path / "run2", model_dir=tmp_path / "model2", vae_from=tmp_path / "model",
+                            unet_minutes=0, num_scenes=48)
+    pretrain(second)
+    assert "vae: reused from" in (tmp_path / "run2" / "log.txt").read_text()
+    assert not (tmp_path / "run2" / "vae.ckpt").exists()  # stage 1 skipped
+    with safe_open(tmp_path / "model" / "vae" / "diffusion_pytorch_model.safetensors", "pt") as a, \
+            safe_open(tmp_path / "model2" / "vae" / "diffusion_pytorch_model.safetensors", "pt") as b:
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118 (safe_open is not iterable)

@@ -115,8 +115,9 @@ def _captions(args: argparse.Namespace) -> None:
 def _pretrain(args: argparse.Namespace) -> None:
     from spectral_diffusion.toyworld.pretrain import pretrain
 
-    settings = {key: getattr(args, key) for key in ("vae_from", "vae_minutes", "unet_minutes", "num_scenes", "threads", "device",
-                                                     "vae_batch", "unet_batch", "noise_draws", "unet_lr")}
+    keys = ("vae_from", "vae_minutes", "unet_minutes", "num_scenes", "threads", "device", "vae_batch", "unet_batch",
+            "noise_draws", "unet_lr")
+    settings = {key: getattr(args, key) for key in keys}
     if args.model_dir is not None:
         settings["model_dir"] = args.model_dir
     cfg = PretrainConfig(out=args.out, seed=args.seed, resume=args.resume, **settings)

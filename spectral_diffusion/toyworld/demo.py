@@ -1,9 +1,10 @@
 """The end-to-end demo on the toy world: train three concepts in bands 0, 1, 2, fuse them, generate, judge.
 
 It runs the product's whole path offline in minutes on a CPU (the trainer with the toy recipe, `fusion.fuse` with
-the recipe's method, `generation.generate` with regional prompts) and puts numbers on the claim that matters: each concept's identity with its own model
-versus inside the fused model, whether a fused concept still follows a prompt its photos never showed, and two
-concepts side by side: in the fused model, and (latent region mode) live, each applied only in its own region.
+the recipe's method, `generation.generate` with regional prompts) and puts numbers on the claim that matters: each
+concept's identity with its own model versus inside the fused model, whether a fused concept still follows a prompt
+its photos never showed, and two concepts side by side: in the fused model, and (latent region mode) live, each
+applied only in its own region.
 
 Output folder (re-running reuses the concept files already trained with the same recipe; `overwrite` retrains):
 

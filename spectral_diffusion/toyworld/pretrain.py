@@ -203,14 +203,18 @@ def train_vae(cfg: PretrainConfig, pixels: torch.Tensor, log: Logger) -> tuple[t
     return vae.eval(), state["step"]
 
 
-def import_vae(folder: Path, device: str) -> tuple[torch.nn.Module, str]:
-    """Stage 1 replaced by the VAE of an existing diffusers folder (fp32), identified by its weights' digest."""
-    folder = Path(folder)
-    weights = sorted((folder / "vae").glob("*.safetensors"))
+def vae_weights(folder: Path) -> Path:
+    """The VAE weights file of a diffusers folder given as `--vae-from` (checked before any slow work)."""
+    weights = sorted((Path(folder) / "vae").glob("*.safetensors"))
     if not weights:
         raise SpectralDiffusionError(f"--vae-from {folder}: no vae/*.safetensors in that folder")
+    return weights[0]
+
+
+def import_vae(folder: Path, device: str) -> tuple[torch.nn.Module, str]:
+    """Stage 1 replaced by the VAE of an existing diffusers folder (fp32), identified by its weights' digest."""
+    digest = hashlib.sha256(vae_weights(folder).read_bytes()).hexdigest()[:16]
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32).to(device)
-    digest = hashlib.sha256(weights[0].read_bytes()).hexdigest()[:16]
     return vae.eval(), f"imported:{digest}"
 
 
@@ -227,10 +231,11 @@ def vae_psnr(vae: torch.nn.Module, x: torch.Tensor) -> float:
 @torch.no_grad()
 def encode_scenes(vae: torch.nn.Module, vae_id: int | str, pixels: torch.Tensor, path: Path,
                   log: Logger) -> dict:
-    """Latent mean/std of every scene, cached (fp16) at `path` for the VAE `vae_id` (its step count, or the digest of an imported one)."""
+    """Latent mean/std of every scene, cached (fp16) at `path` for the VAE `vae_id` (its step count, or the digest
+    of an imported one)."""
     if path.is_file():
         cached = torch.load(path)
-        if cached["vae_id"] == vae_id:
+        if cached.get("vae_id") == vae_id:  # a cache of an older run (no id) is recomputed
             return cached
     means, stds = [], []
     for chunk in pixels.split(256):
@@ -256,7 +261,7 @@ def train_unet(cfg: PretrainConfig, pipe: StableDiffusionPipeline, specs: list[r
     state: dict = {"step": 0, "seconds": 0.0, "vae_id": latents["vae_id"]}
     if cfg.resume and ckpt.is_file():
         saved = torch.load(ckpt, weights_only=False, map_location=cfg.device)
-        if saved["state"]["vae_id"] != latents["vae_id"]:
+        if saved["state"].get("vae_id") != latents["vae_id"]:
             raise SpectralDiffusionError(f"{ckpt} was trained on the latents of another VAE: delete it to restart "
                                          "the UNet stage")
         for module, key in ((unet, "unet"), (text_encoder, "text"), (ema_unet, "ema_unet"), (ema_text, "ema_text")):
@@ -352,6 +357,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     cfg.out = Path(cfg.out)
     if cfg.out.exists() and any(cfg.out.glob("*.ckpt")) and not cfg.resume:
         raise SpectralDiffusionError(f"{cfg.out} already holds checkpoints: pass --resume or choose another --out")
+    if cfg.vae_from is not None:
+        vae_weights(cfg.vae_from)
     if cfg.noise_draws < 1:
         raise SpectralDiffusionError(f"--noise-draws must be at least 1, not {cfg.noise_draws}")
     if cfg.unet_batch % cfg.noise_draws:
