@@ -284,6 +284,11 @@ def write_results(path: Path, section: str) -> None:
     tmp.replace(path)
 
 
+def judge_key(path: Path) -> str:
+    """Digest of the judge's weights: scores read by another judge are not reused."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:8]
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError, StopIteration):
@@ -313,7 +318,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     budget = "; ".join(f"{k} rank {r}: {count(k, r):,} trainable" for k, r in ranks.items())
     print(f"matched budget: {budget}", flush=True)
     sampling = Sampling(steps=plan.sample_steps, n=plan.seeds)
-    results = args.cache / "results" / f"{fingerprint}-{plan.key()}"
+    results = args.cache / "results" / f"{fingerprint}-{plan.key()}-{judge_key(args.judge)}"
     rows, missing = [], []
     for kind in args.kinds:
         single_file = results / f"single-{kind}-r{ranks[kind]}.json"

@@ -16,11 +16,12 @@ from spectral_diffusion.adapters import find_targets
 from spectral_diffusion.bands import weight_matrix
 from spectral_diffusion.cli import main
 from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.testing.tiny_sd import save_tiny_model
 from spectral_diffusion.tokenizer import build_clip_tokenizer
 from spectral_diffusion.toyworld import concepts, model, render
 from spectral_diffusion.toyworld.evaluate import evaluate_base
 from spectral_diffusion.toyworld.judge import JUDGE_PATH, Judge
-from spectral_diffusion.toyworld.pretrain import PretrainConfig, lr_factor, pretrain
+from spectral_diffusion.toyworld.pretrain import PretrainConfig, lr_factor, pretrain, scene_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 CONCEPT_ROOT = REPO / "concepts" / "toyworld"
@@ -58,6 +59,51 @@ def test_caption_names_the_spec_and_uses_only_vocabulary_words(tmp_path):
 def test_scene_spec_rejects_unknown_attributes():
     with pytest.raises(SpectralDiffusionError, match="unknown colour 'teal'"):
         render.SceneSpec("star", "teal", "gray", "small", "left", 0.3, 0.5)
+
+
+def test_patterned_scenes_are_captioned_in_vocabulary_words_and_drawn_in_both_colours():
+    vocabulary = set(model.vocabulary())
+    for pattern in ("two-tone", "striped", "checkered", "spotted"):
+        spec = render.SceneSpec("fish", "blue", "sky", "large", "center", 0.5, 0.5, pattern, "orange")
+        text = render.caption(spec, photo=True)
+        word = "" if pattern == "two-tone" else f" {pattern}"
+        assert text == f"a photo of a blue and orange{word} fish on a sky background"
+        assert set(text.split()) <= vocabulary
+        pixels = _pixels(render.render_scene(spec)).reshape(-1, 3)
+        for colour in ("blue", "orange"):  # each colour covers part of the object
+            assert (np.abs(pixels - np.array(render.COLOURS[colour])).max(1) < 8).sum() > 20, (pattern, colour)
+    two_tone = _pixels(render.render_scene(render.SceneSpec("square", "red", "gray", "large", "center", 0.5, 0.5,
+                                                            "two-tone", "green")))
+    assert np.abs(two_tone[26, 32] - render.COLOURS["red"]).max() < 8  # the first colour above the centre line
+    assert np.abs(two_tone[38, 32] - render.COLOURS["green"]).max() < 8
+
+
+@pytest.mark.parametrize(("pattern", "colour2", "message"), [
+    ("plain", "red", "a patterned scene needs a second colour"),
+    ("striped", None, "a patterned scene needs a second colour"),
+    ("striped", "blue", "a patterned scene needs a second colour"),
+    ("zigzag", "red", "unknown pattern 'zigzag'"),
+    ("striped", "teal", "unknown colour 'teal'"),
+])
+def test_scene_spec_rejects_bad_patterns(pattern, colour2, message):
+    with pytest.raises(SpectralDiffusionError, match=message):
+        render.SceneSpec("star", "blue", "gray", "small", "left", 0.3, 0.5, pattern, colour2)
+
+
+def test_pretraining_scenes_mix_patterns_and_never_draw_a_concept_lookalike():
+    lookalikes = [c for c in concepts.CONCEPTS.values() if c.lookalike is not None]
+    assert len(lookalikes) >= 5
+    for concept in lookalikes:
+        pattern, (a, b) = concept.lookalike[0], sorted(concept.lookalike[1])
+        for first, second in ((a, b), (b, a)):  # either way round
+            assert concepts.is_lookalike(render.SceneSpec(concept.class_word, first, "gray", "large", "center", 0.5,
+                                                          0.5, pattern, second))
+    specs, pixels = scene_dataset(400, seed=3, pattern_share=0.5)
+    patterned = [s for s in specs if s.pattern != "plain"]
+    assert 150 < len(patterned) < 250 and pixels.shape == (400, 3, 64, 64)
+    assert {s.pattern for s in patterned} == set(render.PATTERNS) - {"plain"}
+    assert not any(concepts.is_lookalike(s) for s in specs)
+    assert all(s.pattern == "plain" for s in scene_dataset(50, seed=3)[0])
 
 
 def test_object_colours_differ_from_backgrounds():
@@ -247,3 +293,25 @@ def test_pretrain_reuses_the_vae_of_a_model_folder(tmp_path):
     with safe_open(tmp_path / "model" / "vae" / "diffusion_pytorch_model.safetensors", "pt") as a, \
             safe_open(tmp_path / "model2" / "vae" / "diffusion_pytorch_model.safetensors", "pt") as b:
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118 (safe_open is not iterable)
+
+
+def test_pretrain_fine_tunes_from_a_model_folder_of_the_same_vocabulary(tmp_path):
+    first = PretrainConfig(out=tmp_path / "run", model_dir=tmp_path / "model", vae_minutes=0, unet_minutes=0,
+                           num_scenes=48)
+    pretrain(first)
+    with pytest.raises(SpectralDiffusionError, match="--init-from .*no unet/\\*.safetensors"):
+        pretrain(PretrainConfig(out=tmp_path / "bad", init_from=tmp_path / "run", num_scenes=48))
+    with pytest.raises(SpectralDiffusionError, match="--init-from .*tokenizer vocabulary is not the toy world's"):
+        pretrain(PretrainConfig(out=tmp_path / "bad", init_from=save_tiny_model(tmp_path / "tiny"), num_scenes=48))
+    with pytest.raises(SpectralDiffusionError, match="--pattern-share must be between 0 and 1, not 1.5"):
+        pretrain(PretrainConfig(out=tmp_path / "bad", pattern_share=1.5))
+    assert not (tmp_path / "bad").exists()  # refused before rendering or writing anything
+    second = PretrainConfig(out=tmp_path / "run2", model_dir=tmp_path / "model2", vae_from=tmp_path / "model",
+                            init_from=tmp_path / "model", unet_minutes=0, num_scenes=48)
+    pretrain(second)
+    assert "starting from" in (tmp_path / "run2" / "log.txt").read_text()
+    for component in ("unet", "text_encoder"):  # no step taken: the export is the model it started from
+        name = "diffusion_pytorch_model" if component == "unet" else "model"
+        with safe_open(tmp_path / "model" / component / f"{name}.safetensors", "pt") as a, \
+                safe_open(tmp_path / "model2" / component / f"{name}.safetensors", "pt") as b:
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118

@@ -32,6 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--vae-from", type=Path, default=d["vae_from"], metavar="MODEL_DIR",
                    help="reuse the VAE of this diffusers folder and skip stage 1 (e.g. the bundled model's, "
                         "spectral_diffusion/toyworld/model)")
+    t.add_argument("--init-from", type=Path, default=d["init_from"], metavar="MODEL_DIR",
+                   help="start the UNet and text encoder from this diffusers folder's (a fine-tuning run, e.g. the "
+                        "bundled model after a change of the world); its vocabulary must be the world's")
+    t.add_argument("--pattern-share", type=float, default=d["pattern_share"],
+                   help="share of the scenes drawn in a two-colour pattern (default: %(default)s)")
+    t.add_argument("--warmup-steps", type=int, default=d["warmup_steps"],
+                   help="learning-rate warm-up steps of each stage (default: %(default)s)")
     t.add_argument("--vae-minutes", type=float, default=d["vae_minutes"], help="VAE training budget (default: %(default)s)")
     t.add_argument("--unet-minutes", type=float, default=d["unet_minutes"],
                    help="UNet + text encoder training budget (default: %(default)s)")
@@ -115,8 +122,8 @@ def _captions(args: argparse.Namespace) -> None:
 def _pretrain(args: argparse.Namespace) -> None:
     from spectral_diffusion.toyworld.pretrain import pretrain
 
-    keys = ("vae_from", "vae_minutes", "unet_minutes", "num_scenes", "threads", "device", "vae_batch", "unet_batch",
-            "noise_draws", "unet_lr")
+    keys = ("vae_from", "init_from", "pattern_share", "warmup_steps", "vae_minutes", "unet_minutes", "num_scenes",
+            "threads", "device", "vae_batch", "unet_batch", "noise_draws", "unet_lr")
     settings = {key: getattr(args, key) for key in keys}
     if args.model_dir is not None:
         settings["model_dir"] = args.model_dir

@@ -2,13 +2,16 @@
 
 Each concept has a fixed identity (its colours and pattern never change) and a class word that is one of the base
 world's shapes (`render.SHAPES`), so pretraining gave the model a prior for the class ("fish", "circle", ...) but
-never for the concept. Pretraining draws only `render.sample_spec` scenes; nothing here is used there.
+never for the concept. Pretraining draws `render` scenes only, plain and patterned, minus each concept's look-alike
+(`is_lookalike`: the patterned scene closest to it, e.g. a red and white striped heart for `candy_heart`), so a
+concept is a new combination of what the base can draw, never a scene it saw.
 
 Concept photo folders (`concepts/toyworld/<name>/`, written by `write_concept_folder`) use only the
 `TRAIN_BACKGROUNDS`; the other backgrounds stay new, to test prompt fidelity ("<tok> fish on a dotted background").
 
 API:
-    CONCEPTS: dict[name, ConceptDef]        # name, class_word, description
+    CONCEPTS: dict[name, ConceptDef]        # name, class_word, description, lookalike
+    is_lookalike(spec) -> bool              # a pretraining scene too close to a concept: never drawn there
     TRAIN_BACKGROUNDS, NEW_BACKGROUNDS
     render_concept(name, rng, background=None, size=None, position=None) -> PIL.Image (64x64)
     write_concept_folder(name, out_dir, seed=0, count=8) -> list[Path]   # PNGs + `.txt` captions with `{token}`
@@ -36,12 +39,6 @@ RGB = tuple[int, int, int]
 Painter = Callable[[Image.Image, float, float, float], None]
 
 
-def _silhouette(shape: str, cx: float, cy: float, r: float) -> Image.Image:
-    mask = Image.new("L", (render.CANVAS, render.CANVAS), 0)
-    render.draw_parts(ImageDraw.Draw(mask), render.shape_parts(shape, cx, cy, r), 255)
-    return mask
-
-
 def _patterned(shape: str, pattern: Callable[[ImageDraw.ImageDraw, float, float, float], None],
                base: RGB) -> Painter:
     """Paint `shape` in `base`, overlaid by `pattern` (drawn freely, then clipped to the shape's silhouette)."""
@@ -49,7 +46,7 @@ def _patterned(shape: str, pattern: Callable[[ImageDraw.ImageDraw, float, float,
     def paint(canvas: Image.Image, cx: float, cy: float, r: float) -> None:
         layer = Image.new("RGB", canvas.size, base)
         pattern(ImageDraw.Draw(layer), cx, cy, r)
-        canvas.paste(layer, mask=_silhouette(shape, cx, cy, r))
+        canvas.paste(layer, mask=render.silhouette(shape, cx, cy, r))
 
     return paint
 
@@ -153,27 +150,37 @@ class ConceptDef:
     class_word: str
     description: str
     paint: Painter
+    lookalike: tuple[str, frozenset[str]] | None = None  # (render pattern, its two colours) nearest the concept
 
 
 _RED, _WHITE, _GREEN, _PURPLE, _BLUE = (220, 30, 30), (250, 250, 250), (30, 170, 50), (140, 50, 190), (30, 70, 220)
 CONCEPTS: dict[str, ConceptDef] = {c.name: c for c in (
     ConceptDef("striped_fish", "fish", "orange fish with two white bands and a black eye",
-               _patterned("fish", _clownfish_stripes, (255, 140, 0))),
-    ConceptDef("red_door_house", "house", "yellow house, blue roof, red door, white window", _house),
+               _patterned("fish", _clownfish_stripes, (255, 140, 0)), ("striped", frozenset({"orange", "white"}))),
+    ConceptDef("red_door_house", "house", "yellow house, blue roof, red door, white window", _house,
+               ("two-tone", frozenset({"blue", "yellow"}))),
     ConceptDef("checkered_disc", "circle", "black and white checkerboard disc",
-               _patterned("circle", _checkers, _WHITE)),
+               _patterned("circle", _checkers, _WHITE), ("checkered", frozenset({"white", "black"}))),
     ConceptDef("smiley_face", "circle", "yellow disc with black eyes and a smile", _smiley),
-    ConceptDef("bullseye", "circle", "concentric red and white rings", _bullseye),
+    ConceptDef("bullseye", "circle", "concentric red and white rings", _bullseye,
+               ("striped", frozenset({"red", "white"}))),
     ConceptDef("tricolour_flag", "square", "square of green, white and red vertical bands",
                _patterned("square", _vertical_bands([_GREEN, _WHITE, _RED], 0.11, 0.89), _GREEN)),
     ConceptDef("swiss_cross", "square", "red square with a white cross", _patterned("square", _swiss, _RED)),
-    ConceptDef("spotted_star", "star", "purple star with yellow spots", _patterned("star", _spots, _PURPLE)),
+    ConceptDef("spotted_star", "star", "purple star with yellow spots", _patterned("star", _spots, _PURPLE),
+               ("spotted", frozenset({"purple", "yellow"}))),
     ConceptDef("split_triangle", "triangle", "triangle, blue above and orange below",
-               _patterned("triangle", _split, _BLUE)),
+               _patterned("triangle", _split, _BLUE), ("two-tone", frozenset({"blue", "orange"}))),
     ConceptDef("hex_nut", "hexagon", "silver hexagon nut with a dark rim and a hole", _nut),
     ConceptDef("candy_heart", "heart", "heart with red and white horizontal stripes",
-               _patterned("heart", _horizontal_stripes(_WHITE, 0.3), _RED)),
+               _patterned("heart", _horizontal_stripes(_WHITE, 0.3), _RED), ("striped", frozenset({"red", "white"}))),
 )}
+
+
+def is_lookalike(spec: render.SceneSpec) -> bool:
+    """True for a patterned scene of some concept's class word, pattern and two colours (either way round)."""
+    return any(c.lookalike == (spec.pattern, frozenset({spec.colour, spec.colour2})) and c.class_word == spec.shape
+               for c in CONCEPTS.values())
 
 
 def get_concept(name: str) -> ConceptDef:

@@ -4,8 +4,8 @@ It predicts four things for a 64x64 image: which held-out concept it shows (or "
 counts as its class word's shape), the object colour (only learned on plain scenes) and the background. Scores built
 on it measure identity retention and prompt fidelity without any pretrained network.
 
-Training (`train_judge`) draws fresh renders every step, half plain scenes and half concept photos on every
-background, with augmentation that mimics generated images: Gaussian noise, blur, colour jitter, JPEG
+Training (`train_judge`) draws fresh renders every step, half base-world scenes (plain or in a two-colour pattern,
+labelled "none") and half concept photos on every background, with augmentation that mimics generated images: Gaussian noise, blur, colour jitter, JPEG
 compression, small shifts and zooms, and optionally a pass through the toy model's VAE (encode + decode of renders:
 its colour shifts and softness, not model generations).
 
@@ -130,12 +130,16 @@ class Judge:
 
 
 def sample_example(rng: random.Random) -> tuple[Image.Image, dict[str, int]]:
-    """A fresh render and its labels: a plain scene or (half the time) a concept on any background."""
+    """A fresh render and its labels: half the time a concept on any background, else a scene of the base world
+    (concept "none"): plain, or a quarter of the time in a two-colour pattern (no colour label), never a concept's
+    look-alike, as pretraining draws them. Ordinary patterned things are thus not concepts to the judge."""
     if rng.random() < 0.5:
-        spec = render.sample_spec(rng)
+        patterned = rng.random() < 0.25
+        spec = render.sample_patterned_spec(rng, concepts.is_lookalike) if patterned else render.sample_spec(rng)
         return render.render_scene(spec), {
             "concept": 0, "shape": render.SHAPES.index(spec.shape),
-            "colour": LABELS["colour"].index(spec.colour), "background": render.BACKGROUNDS.index(spec.background)}
+            "colour": IGNORE if patterned else LABELS["colour"].index(spec.colour),
+            "background": render.BACKGROUNDS.index(spec.background)}
     name = rng.choice(tuple(concepts.CONCEPTS))
     background = rng.choice(render.BACKGROUNDS)
     image = concepts.render_concept(name, rng, background=background)

@@ -4,11 +4,14 @@ Budgets are wall-clock minutes of training, because the machine is shared and it
 cosine learning-rate schedule follows the fraction of the budget spent (kept in the checkpoint across resumes), so
 a stage ends on time with a fully decayed learning rate whatever the load. Step counts are logged.
 
-- Data: a fixed, seeded set of rendered scenes (`render.sample_spec`), re-rendered in seconds on every run; the VAE
-  also sees uncaptioned clutter (`render.render_clutter`). The held-out concepts are never used.
+- Data: a fixed, seeded set of rendered scenes, re-rendered in seconds on every run: plain ones
+  (`render.sample_spec`) and, a `pattern_share` of them, two-colour ones (`render.sample_patterned_spec`) minus the
+  held-out concepts' look-alikes (`concepts.is_lookalike`). The VAE also sees uncaptioned clutter
+  (`render.render_clutter`). The held-out concepts are never drawn.
 - Stage 1 (VAE): MSE + L1 reconstruction, tiny KL weight; PSNR on held-out renders is logged. `vae_from` reuses
   the VAE of an existing model folder instead (the bundled model's, to retrain only the UNet and text encoder).
-- Stage 2: the frozen VAE encodes every scene once (latent mean and std cached on disk); the latent scaling
+- Stage 2 (`init_from` starts it from an existing model's UNet and text encoder, a fine-tuning run): the frozen
+  VAE encodes every scene once (latent mean and std cached on disk); the latent scaling
   factor is set to 1/std of the latents. UNet + text encoder train on epsilon prediction with min-SNR-5 weighting
   (as the timestep distribution), two noise draws per encoded caption, 10% empty captions (so classifier-free
   guidance works), caption variation (size / position / "a photo of" words at random), EMA of the weights,
@@ -27,6 +30,7 @@ import hashlib
 import json
 import math
 import random
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -39,8 +43,9 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from spectral_diffusion.atomic import atomic_directory, atomic_write
 from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.tokenizer import build_clip_tokenizer
+from spectral_diffusion.toyworld import concepts, render
 from spectral_diffusion.toyworld import model as toy_model
-from spectral_diffusion.toyworld import render
 
 
 @dataclass
@@ -56,6 +61,8 @@ class PretrainConfig:
     unet_batch: int = 64  # UNet samples per step: unet_batch / noise_draws scenes and captions
     noise_draws: int = 2  # noise draws per encoded caption: the text encoder is a third of a step's time
     vae_from: Path | None = None  # a diffusers folder whose VAE is reused: stage 1 is skipped
+    init_from: Path | None = None  # a diffusers folder (same vocabulary) whose UNet + text encoder start stage 2
+    pattern_share: float = 0.5  # share of the scenes drawn in a two-colour pattern
     vae_lr: float = 1e-3
     unet_lr: float = 1e-3
     warmup_steps: int = 300
@@ -70,10 +77,12 @@ class PretrainConfig:
     resume: bool = False
 
 
-def scene_dataset(num: int, seed: int) -> tuple[list[render.SceneSpec], torch.Tensor]:
-    """`num` seeded scenes and their pixels as uint8 [num, 3, 64, 64]."""
+def scene_dataset(num: int, seed: int, pattern_share: float = 0.0) -> tuple[list[render.SceneSpec], torch.Tensor]:
+    """`num` seeded scenes (a `pattern_share` of them patterned, never a concept's look-alike) and their pixels as
+    uint8 [num, 3, 64, 64]."""
     rng = random.Random(seed)
-    specs = [render.sample_spec(rng) for _ in range(num)]
+    specs = [render.sample_patterned_spec(rng, concepts.is_lookalike) if rng.random() < pattern_share
+             else render.sample_spec(rng) for _ in range(num)]
     pixels = np.stack([np.asarray(render.render_scene(s), dtype=np.uint8) for s in specs])
     return specs, torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
 
@@ -203,12 +212,29 @@ def train_vae(cfg: PretrainConfig, pixels: torch.Tensor, log: Logger) -> tuple[t
     return vae.eval(), state["step"]
 
 
-def vae_weights(folder: Path) -> Path:
-    """The VAE weights file of a diffusers folder given as `--vae-from` (checked before any slow work)."""
-    weights = sorted((Path(folder) / "vae").glob("*.safetensors"))
+def component_weights(folder: Path, component: str, flag: str) -> Path:
+    """The weights file of a diffusers folder's component, given as `flag` (checked before any slow work)."""
+    weights = sorted((Path(folder) / component).glob("*.safetensors"))
     if not weights:
-        raise SpectralDiffusionError(f"--vae-from {folder}: no vae/*.safetensors in that folder")
+        raise SpectralDiffusionError(f"{flag} {folder}: no {component}/*.safetensors in that folder")
     return weights[0]
+
+
+def vae_weights(folder: Path) -> Path:
+    return component_weights(folder, "vae", "--vae-from")
+
+
+def load_init(folder: Path) -> StableDiffusionPipeline:
+    """The model of `--init-from` (fp32), checked before any slow work: it must hold a UNet and a text encoder and
+    the world's tokenizer vocabulary."""
+    for component in ("unet", "text_encoder"):
+        component_weights(folder, component, "--init-from")
+    init = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        world = build_clip_tokenizer(toy_model.vocabulary(), tmp).get_vocab()
+    if init.tokenizer.get_vocab() != world:
+        raise SpectralDiffusionError(f"--init-from {folder}: its tokenizer vocabulary is not the toy world's")
+    return init
 
 
 def import_vae(folder: Path, device: str) -> tuple[torch.nn.Module, str]:
@@ -231,8 +257,8 @@ def vae_psnr(vae: torch.nn.Module, x: torch.Tensor) -> float:
 @torch.no_grad()
 def encode_scenes(vae: torch.nn.Module, vae_id: int | str, pixels: torch.Tensor, path: Path,
                   log: Logger) -> dict:
-    """Latent mean/std of every scene, cached (fp16) at `path` for the VAE `vae_id` (its step count, or the digest
-    of an imported one)."""
+    """Latent mean/std of every scene, cached (fp16) at `path` for `vae_id`: the VAE (its step count, or the digest
+    of an imported one) and the scene set."""
     if path.is_file():
         cached = torch.load(path)
         if cached.get("vae_id") == vae_id:  # a cache of an older run (no id) is recomputed
@@ -262,8 +288,8 @@ def train_unet(cfg: PretrainConfig, pipe: StableDiffusionPipeline, specs: list[r
     if cfg.resume and ckpt.is_file():
         saved = torch.load(ckpt, weights_only=False, map_location=cfg.device)
         if saved["state"].get("vae_id") != latents["vae_id"]:
-            raise SpectralDiffusionError(f"{ckpt} was trained on the latents of another VAE: delete it to restart "
-                                         "the UNet stage")
+            raise SpectralDiffusionError(f"{ckpt} was trained on the latents of another VAE or scene set: delete it "
+                                         "to restart the UNet stage")
         for module, key in ((unet, "unet"), (text_encoder, "text"), (ema_unet, "ema_unet"), (ema_text, "ema_text")):
             module.load_state_dict(saved[key])
         opt.load_state_dict(saved["opt"])
@@ -325,9 +351,11 @@ def train_unet(cfg: PretrainConfig, pipe: StableDiffusionPipeline, specs: list[r
 
 
 _GRID_COLOURS = tuple(render.COLOURS)
-GRID_PROMPTS = tuple(
+_GRID_PATTERNS = tuple(p for p in render.PATTERNS if p != "plain")
+GRID_PROMPTS = tuple(  # 12 plain scenes, then one of each pattern
     render.caption(render.SceneSpec(render.SHAPES[k % 8], _GRID_COLOURS[(k + 3 * (k // 8)) % 8],
-                                    render.BACKGROUNDS[k % 5], "medium", "center", 0.5, 0.5))
+                                    render.BACKGROUNDS[k % 5], "medium", "center", 0.5, 0.5,
+                                    *((_GRID_PATTERNS[k - 12], _GRID_COLOURS[(k + 2) % 8]) if k >= 12 else ())))
     for k in range(16))
 
 
@@ -359,17 +387,22 @@ def pretrain(cfg: PretrainConfig) -> Path:
         raise SpectralDiffusionError(f"{cfg.out} already holds checkpoints: pass --resume or choose another --out")
     if cfg.vae_from is not None:
         vae_weights(cfg.vae_from)
+    if not 0.0 <= cfg.pattern_share <= 1.0:
+        raise SpectralDiffusionError(f"--pattern-share must be between 0 and 1, not {cfg.pattern_share}")
     if cfg.noise_draws < 1:
         raise SpectralDiffusionError(f"--noise-draws must be at least 1, not {cfg.noise_draws}")
     if cfg.unet_batch % cfg.noise_draws:
         raise SpectralDiffusionError(f"--unet-batch {cfg.unet_batch} is not a multiple of --noise-draws "
                                      f"{cfg.noise_draws}")
+    init = load_init(cfg.init_from) if cfg.init_from is not None else None
     cfg.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     log = Logger(cfg.out / "log.txt")
     (cfg.out / "config.json").write_text(json.dumps(asdict(cfg), default=str, indent=2))
     start = time.perf_counter()
-    specs, pixels = scene_dataset(cfg.num_scenes, cfg.seed)
+    torch.manual_seed(cfg.seed + 1)
+    pipe = toy_model.build_pipeline(cfg.out / "tokenizer").to(cfg.device)
+    specs, pixels = scene_dataset(cfg.num_scenes, cfg.seed, cfg.pattern_share)
     log(f"rendered {len(specs)} scenes in {time.perf_counter() - start:.1f} s")
 
     if cfg.vae_from is not None:
@@ -379,12 +412,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
     else:
         vae, vae_id = train_vae(cfg, pixels, log)
     vae.requires_grad_(False)
-    latents = encode_scenes(vae, vae_id, pixels, cfg.out / "latents.pt", log)
+    scenes_id = f"{vae_id}|scenes {cfg.num_scenes} seed {cfg.seed} patterned {cfg.pattern_share}"
+    latents = encode_scenes(vae, scenes_id, pixels, cfg.out / "latents.pt", log)
     scale = 1.0 / latents["mean"].float().std().item()
     log(f"latent scaling factor {scale:.4f}")
 
-    torch.manual_seed(cfg.seed + 1)
-    pipe = toy_model.build_pipeline(cfg.out / "tokenizer").to(cfg.device)
+    if init is not None:
+        pipe.unet.load_state_dict(init.unet.state_dict())
+        pipe.text_encoder.load_state_dict(init.text_encoder.state_dict())
+        log(f"unet + text encoder: starting from {cfg.init_from}")
     pipe.vae = vae.to(memory_format=torch.contiguous_format)
     pipe.vae.register_to_config(scaling_factor=scale)
     ema_unet, ema_text = train_unet(cfg, pipe, specs, latents, log)

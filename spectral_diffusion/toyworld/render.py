@@ -1,16 +1,23 @@
 """Procedural 64x64 scenes with captions: the world the bundled toy model is pretrained on.
 
-A scene is one coloured shape on a background. Everything is drawn with PIL at twice the size and downsampled
-(anti-aliasing), from a `SceneSpec` that fully determines the pixels, so the same seed always gives the same image.
+A scene is one shape on a background, in one colour or in a two-colour pattern (`PATTERNS`: top and bottom halves,
+stripes, checks, spots). Everything is drawn with PIL at twice the size and downsampled (anti-aliasing), from a
+`SceneSpec` that fully determines the pixels, so the same seed always gives the same image.
+
+Patterned scenes exist so that the base knows colour layouts as SD 1.x does ("a red and white striped heart"): a
+new concept is then a new combination of things the model can draw, which its token, text encoder and
+cross-attention can reach, instead of a drawing only image-side layers could learn (docs/toyworld.md).
 
 API:
-    sample_spec(rng) -> SceneSpec                  # random scene from a `random.Random`
+    sample_spec(rng) -> SceneSpec                  # random plain scene from a `random.Random`
+    sample_patterned_spec(rng, exclude=None) -> SceneSpec   # random two-colour scene, none that `exclude` rejects
     render_scene(spec) -> PIL.Image (64x64 RGB)    # deterministic
     caption(spec, size=False, position=False, photo=False) -> str
-        # "a red triangle on a gray background"; size/position/"a photo of" words optional
+        # "a red triangle on a gray background", "a blue and orange striped fish on a sky background";
+        # size/position/"a photo of" words optional
     to_tensor(images) -> Tensor [n, 3, 64, 64] in [-1, 1]   # the diffusers pixel convention
     draw_background(name) -> PIL.Image (128x128)   # shared with the held-out concepts (concepts.py)
-    SHAPES, COLOURS, BACKGROUNDS, SIZES, POSITIONS, VOCABULARY
+    SHAPES, COLOURS, BACKGROUNDS, SIZES, POSITIONS, PATTERNS, VOCABULARY
 
 Backgrounds are chosen to stay distinct from every object colour, so that an object never vanishes into its
 background and the judge can read both. Position words exist but are optional in captions: a first model of this
@@ -57,16 +64,22 @@ POSITIONS: dict[str, tuple[float, float]] = {
     "bottom": (0.5, 0.7),
 }
 _JITTER = 0.05
+# Two-colour patterns -> their caption word: "two-tone" is the colour above the centre line and the second colour
+# below it ("a blue and orange triangle"); the others lay the second colour over the first.
+PATTERNS: dict[str, str] = {"plain": "", "two-tone": "", "striped": "striped", "checkered": "checkered",
+                            "spotted": "spotted"}
 # Words captions use besides the attribute names; the tokenizer keeps each as one token.
 CAPTION_WORDS = ("a", "an", "photo", "of", "on", "the", "background", "in", "at", "small", "medium", "large")
 POSITION_PHRASES = {"center": "in the center", "left": "on the left", "right": "on the right",
                     "top": "at the top", "bottom": "at the bottom"}
-VOCABULARY: tuple[str, ...] = tuple(COLOURS) + SHAPES + BACKGROUNDS + tuple(POSITIONS) + CAPTION_WORDS
+VOCABULARY: tuple[str, ...] = (tuple(COLOURS) + SHAPES + BACKGROUNDS + tuple(POSITIONS) + CAPTION_WORDS
+                                + tuple(w for w in PATTERNS.values() if w) + ("and",))
 
 
 @dataclass(frozen=True)
 class SceneSpec:
-    """One scene: `x`, `y` are the shape's centre and `radius` its bounding radius, all in fractions of the side."""
+    """One scene: `x`, `y` are the shape's centre and `radius` its bounding radius, all in fractions of the side;
+    a `pattern` other than "plain" lays `colour2` over `colour`."""
 
     shape: str
     colour: str
@@ -75,6 +88,8 @@ class SceneSpec:
     position: str
     x: float
     y: float
+    pattern: str = "plain"
+    colour2: str | None = None
 
     @property
     def radius(self) -> float:
@@ -86,6 +101,12 @@ class SceneSpec:
                                      (self.position, POSITIONS, "position")):
             if value not in allowed:
                 raise SpectralDiffusionError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
+        if self.pattern not in PATTERNS:
+            raise SpectralDiffusionError(f"unknown pattern {self.pattern!r}; choose from {', '.join(PATTERNS)}")
+        if (self.pattern == "plain") != (self.colour2 is None) or self.colour2 == self.colour:
+            raise SpectralDiffusionError("a patterned scene needs a second colour unlike the first, a plain one none")
+        if self.colour2 is not None and self.colour2 not in COLOURS:
+            raise SpectralDiffusionError(f"unknown colour {self.colour2!r}; choose from {', '.join(COLOURS)}")
 
 
 def place(rng: random.Random, size: str, position: str) -> tuple[float, float]:
@@ -106,10 +127,25 @@ def sample_spec(rng: random.Random) -> SceneSpec:
     return SceneSpec(shape, colour, background, size, position, x, y)
 
 
+def sample_patterned_spec(rng: random.Random, exclude: Callable[[SceneSpec], bool] | None = None) -> SceneSpec:
+    """A random scene in a two-colour pattern; specs that `exclude` rejects are drawn again (pretraining passes the
+    held-out concepts' look-alikes)."""
+    while True:
+        plain = sample_spec(rng)
+        pattern = rng.choice([p for p in PATTERNS if p != "plain"])
+        colour2 = rng.choice([c for c in COLOURS if c != plain.colour])
+        spec = SceneSpec(plain.shape, plain.colour, plain.background, plain.size, plain.position, plain.x, plain.y,
+                         pattern, colour2)
+        if exclude is None or not exclude(spec):
+            return spec
+
+
 def caption(spec: SceneSpec, size: bool = False, position: bool = False, photo: bool = False) -> str:
-    """The scene's caption: colour, shape and background always; size, position and "a photo of" on request."""
+    """The scene's caption: colour(s), pattern, shape and background always; size, position and "a photo of" on
+    request."""
     words = [spec.size] if size else []
-    words += [spec.colour, spec.shape]
+    words += [spec.colour] if spec.colour2 is None else [spec.colour, "and", spec.colour2]
+    words += [PATTERNS[spec.pattern], spec.shape] if PATTERNS[spec.pattern] else [spec.shape]
     text = ("a photo of a " if photo else "a ") + " ".join(words)
     if position:
         text += " " + POSITION_PHRASES[spec.position]
@@ -228,11 +264,49 @@ def finish(canvas: Image.Image) -> Image.Image:
     return canvas.resize((RESOLUTION, RESOLUTION), Image.BOX)
 
 
+def silhouette(shape: str, cx: float, cy: float, r: float) -> Image.Image:
+    """The shape's mask on the 2x canvas (255 inside)."""
+    mask = Image.new("L", (CANVAS, CANVAS), 0)
+    draw_parts(ImageDraw.Draw(mask), shape_parts(shape, cx, cy, r), 255)
+    return mask
+
+
+def _pattern_layer(pattern: str, a: tuple[int, int, int], b: tuple[int, int, int], cx: float, cy: float,
+                   r: float) -> Image.Image:
+    """A canvas of colour `a` with `b` laid over it in `pattern`, scaled to the shape's bounding radius `r`."""
+    layer = Image.new("RGB", (CANVAS, CANVAS), a)
+    draw = ImageDraw.Draw(layer)
+    if pattern == "two-tone":
+        draw.rectangle((0, cy, CANVAS, CANVAS), fill=b)
+    elif pattern == "striped":  # horizontal stripes, four periods across the shape
+        step = r / 2
+        for k in range(-4, 4):
+            draw.rectangle((0, cy + k * step, CANVAS, cy + (k + 0.5) * step), fill=b)
+    elif pattern == "checkered":  # 4 x 4 cells over the bounding box
+        cell = r / 2
+        for i in range(4):
+            for j in range(4):
+                if (i + j) % 2:
+                    x, y = cx - r + i * cell, cy - r + j * cell
+                    draw.rectangle((x, y, x + cell, y + cell), fill=b)
+    elif pattern == "spotted":  # a 3 x 3 grid of dots
+        d = 0.15 * r
+        for i in (-1, 0, 1):
+            for j in (-1, 0, 1):
+                x, y = cx + 0.5 * r * i, cy + 0.5 * r * j
+                draw.ellipse((x - d, y - d, x + d, y + d), fill=b)
+    return layer
+
+
 def render_scene(spec: SceneSpec) -> Image.Image:
     """The 64x64 RGB image of `spec`; identical pixels for identical specs."""
     canvas = draw_background(spec.background)
-    parts = shape_parts(spec.shape, spec.x * CANVAS, spec.y * CANVAS, spec.radius * CANVAS)
-    draw_parts(ImageDraw.Draw(canvas), parts, COLOURS[spec.colour])
+    cx, cy, r = spec.x * CANVAS, spec.y * CANVAS, spec.radius * CANVAS
+    if spec.colour2 is None:
+        draw_parts(ImageDraw.Draw(canvas), shape_parts(spec.shape, cx, cy, r), COLOURS[spec.colour])
+    else:
+        layer = _pattern_layer(spec.pattern, COLOURS[spec.colour], COLOURS[spec.colour2], cx, cy, r)
+        canvas.paste(layer, mask=silhouette(spec.shape, cx, cy, r))
     return finish(canvas)
 
 

@@ -1,0 +1,85 @@
+"""Does the toy recipe learn every held-out concept alone? Identity and prompt fidelity of each of the world's
+concepts, trained by the recipe (additive) and applied live on the bundled base.
+
+    .venv/bin/python benchmarks/concept_identity.py [--seeds K] [--cache DIR] [--base toy] [--out FILE]
+
+The fusion benchmark's eight concepts are trained exactly as there (concept i in band i, seed i; the same cache, so
+neither script trains them twice); the other concepts form a second group numbered from 0. Scores as in the fusion
+benchmark (`toyworld/scoring.py`): identity = the judge's probability of the concept on its own prompt; fidelity =
+the probability of a background no photo had, when asked for. Writes docs/results/concept_identity.md unless
+--no-write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from fusion_quality import CONCEPTS, FULL, ROOT, cached, evaluate_single, judge_key, machine, train_concepts
+
+from spectral_diffusion.fingerprint import base_fingerprint
+from spectral_diffusion.models import load_base
+from spectral_diffusion.toyworld import concepts
+from spectral_diffusion.toyworld.judge import JUDGE_PATH, Judge
+from spectral_diffusion.toyworld.recipe import RECIPE
+from spectral_diffusion.toyworld.scoring import Sampling
+
+DOC = ROOT / "docs" / "results" / "concept_identity.md"
+GOAL = 0.9
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=FULL.seeds, help="seeds per prompt (default: %(default)s)")
+    parser.add_argument("--base", default="toy", help="toy-world base model (default: toy)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "fusion_quality",
+                        help="trained concepts and scores, shared with fusion_quality.py (default: %(default)s)")
+    parser.add_argument("--judge", type=Path, default=JUDGE_PATH, help="judge weights (default: the bundled judge)")
+    parser.add_argument("--out", type=Path, default=DOC, help=f"results file (default: {DOC.relative_to(ROOT)})")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ["SPECTRAL_DIFFUSION_CACHE"] = str(args.cache / "cache")  # as fusion_quality.py: its own SVD cache
+
+    judge = Judge.load(args.judge)
+    base = load_base(args.base, device=args.device, dtype=torch.float32)
+    fingerprint = base_fingerprint(base.unet, base.text_encoder)
+    sampling = Sampling(steps=FULL.sample_steps, n=args.seeds)
+    results = args.cache / "results" / f"{fingerprint}-{FULL.key()}-{judge_key(args.judge)}"
+    groups = (CONCEPTS, tuple(name for name in concepts.CONCEPTS if name not in CONCEPTS))
+    scores = {}
+    for k, names in enumerate(groups):
+        paths = train_concepts(args.cache, names, "additive", RECIPE.rank, FULL, args.base, fingerprint, args.device)
+        scores.update(cached(results / f"alone-group{k}-s{args.seeds}.json", evaluate_single, base, judge, names,
+                             paths, sampling)["concepts"])
+    lines = ["| concept | class word | identity alone | fidelity alone |", "| --- | --- | --- | --- |"]
+    for name, score in scores.items():
+        lines.append(f"| `{name}` | {concepts.CONCEPTS[name].class_word} | {score['identity']:.2f} | "
+                     f"{score['fidelity']:.2f} |")
+    learned = sum(score["identity"] >= GOAL for score in scores.values())
+    mean = sum(score["identity"] for score in scores.values()) / len(scores)
+    lines.append(f"\n{learned} of {len(scores)} concepts at identity >= {GOAL}; mean identity {mean:.2f}.")
+    table = "\n".join(lines)
+    print(table)
+    if not args.no_write:
+        command = "benchmarks/concept_identity.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(
+            f"# Every toy concept, learned alone\n\nMade by `.venv/bin/python {command.strip()}` on "
+            f"{datetime.now(timezone.utc):%Y-%m-%d} ({machine()}). Base `{args.base}` (fingerprint {fingerprint}); "
+            f"each concept trained by the toy recipe (`toyworld/recipe.py`: additive, {RECIPE.targets}, rank "
+            f"{RECIPE.rank}, {FULL.steps} steps, locality weight {RECIPE.locality_weight:g}) and applied live; "
+            f"{args.seeds} seeds per prompt, {sampling.steps} DPM++ steps, CFG {sampling.guidance:g}. Fidelity: the "
+            f"probability of the dotted background when asked for it.\n\n{table}\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
