@@ -77,10 +77,69 @@ def oriented_svd(weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     else:
         v, s, uh = torch.linalg.svd(w.mT, full_matrices=False)
         u = uh.mT
-    u, s, v = u[:, :k], s[:k], v[:, :k]
+    return _oriented(u[:, :k], s[:k], v[:, :k])
+
+
+def _oriented(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sign convention shared by the exact and randomized SVDs: each ``U`` column's largest entry positive."""
     pivot = u.abs().argmax(dim=0, keepdim=True)
     signs = torch.where(u.gather(0, pivot) < 0, -1.0, 1.0)
     return (u * signs).contiguous(), s.contiguous(), (v * signs).contiguous()
+
+
+def randomized_svd(
+    weight: torch.Tensor, k: int, *, oversample: int, power_iters: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``k`` SVD by a randomized range finder (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1), in fp32.
+
+    Only the top ``k`` columns are needed for the bands, and sketching ``W`` with ``k + oversample`` Gaussian
+    vectors, refined by ``power_iters`` orthonormalised power iterations, costs a few products with ``W`` instead
+    of a full decomposition. The Gaussian comes from a CPU generator seeded by ``seed`` alone, so the same weight
+    gives the same bands on every call, and signs follow ``oriented_svd``'s convention. The result satisfies
+    ``W^T U = V diag(S)`` exactly (Rayleigh-Ritz); how far ``W V`` is from ``U diag(S)`` is what
+    ``svd_residual`` measures.
+    """
+    out_features, in_features = weight.shape
+    if not 0 < k <= min(out_features, in_features):
+        raise SpectralDiffusionError(
+            f"cannot take {k} singular vectors of a {out_features}x{in_features} matrix"
+        )
+    w = weight.detach().to(torch.float32)
+    sketch = min(k + oversample, min(out_features, in_features))
+    gaussian = torch.randn(in_features, sketch, generator=torch.Generator().manual_seed(seed))
+    q = torch.linalg.qr(w @ gaussian.to(w.device)).Q
+    for _ in range(power_iters):
+        q = torch.linalg.qr(w @ torch.linalg.qr(w.mT @ q).Q).Q
+    ub, s, vh = torch.linalg.svd(q.mT @ w, full_matrices=False)
+    return _oriented((q @ ub[:, :k]), s[:k], vh[:k].mT)
+
+
+def svd_residual(
+    weight: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """Per column ``|W v_i - s_i u_i| / s_i``: zero for exact singular triplets.
+
+    With ``W^T U = V diag(S)`` exact (as ``randomized_svd`` gives), the angle between a computed band's subspace
+    and the exact one is at most this residual times ``s / gap`` at the band's edges (Wedin's theorem).
+    """
+    residual = weight.detach().to(torch.float32) @ v - u * s
+    return residual.norm(dim=0) / s.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def band_angles(reference: torch.Tensor, other: torch.Tensor, rank: int) -> torch.Tensor:
+    """Largest principal angle (radians, fp64) between the spans of each band's columns in two bases.
+
+    How far one SVD's band ``i`` (columns ``[i*rank, (i+1)*rank)``) is from another's, blind to the rotations
+    inside a band that near-equal singular values allow.
+    """
+    angles = []
+    for band in range(reference.shape[1] // rank):
+        cols = band_columns(band, rank)
+        a, b = reference[:, cols].double(), other[:, cols].double()
+        # sin of the largest angle is the norm of b outside span(a); arcsin keeps small angles precise, arccos not
+        sine = torch.linalg.matrix_norm(b - a @ (a.mT @ b), ord=2)
+        angles.append(torch.arcsin(sine.clamp(max=1.0)))
+    return torch.stack(angles)
 
 
 def skew_from_params(params: torch.Tensor, rank: int) -> torch.Tensor:

@@ -3,6 +3,11 @@
 Entries are keyed by the weight's ``tensor_digest``, so any checkpoint that shares a layer shares its
 entry. An entry holds the top ``K`` singular triplets and serves any ``k <= K`` by slicing; an entry that
 cannot be read or has the wrong shape is recomputed and rewritten, never trusted.
+
+Two methods: ``exact`` (LAPACK thin SVD) and ``randomized`` (the default: ``bands.randomized_svd`` on layers wide
+enough for it to pay, checked by its residual, exact elsewhere). They are cached under different names, so a
+concept's bands never depend on which method ran earlier on the machine; a randomized entry is computed for a
+fixed column count (``k`` rounded up to ``MIN_STORED_COLUMNS``), so it is the same whatever ``k`` asked first.
 """
 
 from __future__ import annotations
@@ -18,13 +23,22 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from spectral_diffusion.bands import oriented_svd, weight_matrix
+from spectral_diffusion.bands import oriented_svd, randomized_svd, svd_residual, weight_matrix
 from spectral_diffusion.fingerprint import tensor_digest
 
 SVD = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # Entries keep at least this many columns (when the layer has them), so that later concepts in higher
 # bands of the same base model hit the cache instead of recomputing the SVD.
 MIN_STORED_COLUMNS = 64
+METHODS = ("exact", "randomized")
+# Randomized SVD settings (measured in docs/benchmarks.md): a sketch of twice the stored columns, 8 power
+# iterations; used on layers whose smaller side is at least 4x the sketch (below that the exact SVD is about as
+# cheap), and kept only if every column's relative residual |W v - s u| / s is under RESIDUAL_TOLERANCE, else the
+# layer falls back to the exact SVD (a flat spectrum, e.g. random weights, needs far more iterations).
+POWER_ITERATIONS = 8
+RANDOMIZED_MIN_RATIO = 4
+RESIDUAL_TOLERANCE = 1e-2
+RANDOMIZED_SEED = 0
 
 
 def default_cache_dir() -> Path:
@@ -34,35 +48,51 @@ def default_cache_dir() -> Path:
 
 
 class SVDCache:
-    """Top-k oriented SVDs of layer weights, on disk; ``hits``/``misses`` count layers served / computed."""
+    """Top-k oriented SVDs of layer weights, on disk; ``hits``/``misses`` count layers served / computed, and
+    ``fallbacks`` the randomized misses whose residual check sent them to the exact SVD."""
 
-    def __init__(self, cache_dir: str | Path | None = None) -> None:
+    def __init__(self, cache_dir: str | Path | None = None, method: str = "randomized") -> None:
+        if method not in METHODS:
+            raise ValueError(f"unknown SVD method {method!r}; choose one of {', '.join(METHODS)}")
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.method = method
         self.hits = 0
         self.misses = 0
+        self.fallbacks = 0
 
-    def path_for(self, digest: str) -> Path:
-        return self.cache_dir / f"{digest}.safetensors"
+    def path_for(self, digest: str, columns: int | None = None) -> Path:
+        """The exact entry of a weight, or (``columns`` given) its randomized entry of that many columns."""
+        if columns is None:
+            return self.cache_dir / f"{digest}.safetensors"
+        tag = f"rsvd-k{columns}-p{columns}-q{POWER_ITERATIONS}-s{RANDOMIZED_SEED}"
+        return self.cache_dir / f"{digest}.{tag}.safetensors"
+
+    def randomized_columns(self, shape: tuple[int, int], k: int) -> int | None:
+        """Columns a randomized entry of this shape holds for a request of ``k``; None where the exact SVD is used."""
+        if self.method != "randomized":
+            return None
+        columns = -(-k // MIN_STORED_COLUMNS) * MIN_STORED_COLUMNS
+        return columns if min(shape) >= RANDOMIZED_MIN_RATIO * 2 * columns else None
 
     def band_svd(self, layers: dict[str, nn.Module], k: int) -> dict[str, SVD]:
-        """``(U [out,k], S [k], V [in,k])`` in fp32 on the CPU for each layer (Linear or 1x1 Conv2d)."""
+        """``(U [out,k], S [k], V [in,k])`` in fp32 on the CPU for each layer (Linear or Conv2d)."""
         result: dict[str, SVD] = {}
-        to_compute: list[tuple[str, torch.Tensor, str]] = []
+        to_compute: list[tuple[str, torch.Tensor, Path, int | None]] = []
         for name, module in layers.items():
             weight = weight_matrix(module)
-            digest = tensor_digest(weight)
-            cached = self._read(digest, tuple(weight.shape), k)
+            columns = self.randomized_columns(tuple(weight.shape), k)
+            path = self.path_for(tensor_digest(weight), columns)
+            cached = self._read(path, tuple(weight.shape), k)
             if cached is None:
-                to_compute.append((name, weight, digest))
+                to_compute.append((name, weight, path, columns))
             else:
                 result[name] = cached
                 self.hits += 1
-        for name, weight, digest in tqdm(
+        for name, weight, path, columns in tqdm(
             to_compute, desc="SVD of adapted layers", unit="layer", disable=not to_compute
         ):
-            stored = min(min(weight.shape), max(k, MIN_STORED_COLUMNS))
-            u, s, v = oriented_svd(weight, stored)
-            self._write(digest, u.cpu(), s.cpu(), v.cpu())
+            u, s, v = self._compute(weight, k, columns)
+            self._write(path, u.cpu(), s.cpu(), v.cpu())
             result[name] = (
                 u[:, :k].cpu().contiguous(),
                 s[:k].cpu().contiguous(),
@@ -71,9 +101,20 @@ class SVDCache:
             self.misses += 1
         return {name: result[name] for name in layers}
 
-    def _read(self, digest: str, shape: tuple[int, int], k: int) -> SVD | None:
+    def _compute(self, weight: torch.Tensor, k: int, columns: int | None) -> SVD:
+        """The SVD to store: randomized with ``columns`` columns when given and its residual passes, else exact."""
+        if columns is not None:
+            u, s, v = randomized_svd(
+                weight, columns, oversample=columns, power_iters=POWER_ITERATIONS, seed=RANDOMIZED_SEED
+            )
+            if float(svd_residual(weight, u, s, v).max()) <= RESIDUAL_TOLERANCE:
+                return u, s, v
+            self.fallbacks += 1
+            return oriented_svd(weight, columns)
+        return oriented_svd(weight, min(min(weight.shape), max(k, MIN_STORED_COLUMNS)))
+
+    def _read(self, path: Path, shape: tuple[int, int], k: int) -> SVD | None:
         """The cached top-k of a weight, or None when absent, unreadable, malformed or too short."""
-        path = self.path_for(digest)
         if not path.is_file():
             return None
         try:
@@ -92,13 +133,13 @@ class SVDCache:
             return None
         return u[:, :k].contiguous(), s[:k].contiguous(), v[:, :k].contiguous()
 
-    def _write(self, digest: str, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> None:
+    def _write(self, path: Path, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{digest[:16]}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{path.name[:16]}.", suffix=".tmp")
         os.close(fd)
         try:
             save_file({"U": u.contiguous(), "S": s.contiguous(), "V": v.contiguous()}, tmp)
-            os.replace(tmp, self.path_for(digest))
+            os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -7,12 +7,15 @@ import torch
 from torch import nn
 
 from spectral_diffusion.bands import (
+    band_angles,
     band_columns,
     cayley,
     check_band_fits,
     conv_kernel,
     oriented_svd,
+    randomized_svd,
     skew_from_params,
+    svd_residual,
     weight_matrix,
 )
 from spectral_diffusion.errors import SpectralDiffusionError
@@ -94,6 +97,54 @@ def test_oriented_svd_sign_flip_invariance() -> None:
 def test_oriented_svd_refuses_too_many_columns() -> None:
     with pytest.raises(SpectralDiffusionError, match="cannot take 9 singular vectors of a 8x20"):
         oriented_svd(torch.randn(8, 20), 9)
+
+
+def decaying(out_features: int, in_features: int, seed: int = 3) -> torch.Tensor:
+    """A weight whose singular values fall like i^-1/2 (trained weights decay; Gaussian ones are flat)."""
+    gen = torch.Generator().manual_seed(seed)
+    m = min(out_features, in_features)
+    spectrum = (torch.arange(m) + 1.0) ** -0.5
+    return (torch.randn(out_features, m, generator=gen) * spectrum) @ torch.randn(m, in_features, generator=gen)
+
+
+@pytest.mark.parametrize("shape", [(520, 600), (600, 520)])
+def test_randomized_svd_matches_the_exact_bands(shape: tuple[int, int]) -> None:
+    w = decaying(*shape)
+    exact = oriented_svd(w, 32)
+    u, s, v = randomized_svd(w, 32, oversample=32, power_iters=8)
+    assert u.shape == (shape[0], 32) and s.shape == (32,) and v.shape == (shape[1], 32)
+    assert float(band_angles(exact[0], u, 8).max()) < 0.01 and float(band_angles(exact[2], v, 8).max()) < 0.01
+    torch.testing.assert_close(s, exact[1], rtol=1e-4, atol=0)
+    torch.testing.assert_close(u.T @ u, torch.eye(32), atol=1e-5, rtol=0)
+    assert float(svd_residual(w, u, s, v).max()) < 1e-2
+    assert float(svd_residual(w, *exact).max()) < 1e-4
+    pivots = u.abs().argmax(dim=0)
+    assert bool((u[pivots, torch.arange(32)] > 0).all())
+
+
+def test_randomized_svd_is_deterministic_and_sign_fixed() -> None:
+    w = decaying(300, 280)
+    u, s, v = randomized_svd(w, 8, oversample=8, power_iters=2)
+    again = randomized_svd(w.clone(), 8, oversample=8, power_iters=2)
+    assert all(torch.equal(x, y) for x, y in zip((u, s, v), again, strict=True))
+    u_neg, _, v_neg = randomized_svd(-w, 8, oversample=8, power_iters=2)
+    torch.testing.assert_close(u_neg, u, atol=1e-5, rtol=0)
+    torch.testing.assert_close(v_neg, -v, atol=1e-5, rtol=0)
+
+
+def test_residual_flags_an_unconverged_flat_spectrum() -> None:
+    """Gaussian weights have near-equal singular values: few power iterations leave a large residual."""
+    w = torch.randn(600, 520, generator=torch.Generator().manual_seed(0))
+    assert float(svd_residual(w, *randomized_svd(w, 32, oversample=32, power_iters=2)).max()) > 0.1
+
+
+def test_band_angles_are_zero_for_a_rotation_inside_a_band() -> None:
+    q = torch.linalg.qr(torch.randn(40, 8, generator=torch.Generator().manual_seed(0))).Q
+    rotation = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(1))).Q
+    turned = torch.cat([q[:, :4] @ rotation, q[:, 4:]], dim=1)
+    assert float(band_angles(q, turned, 4).max()) < 1e-6
+    swapped = torch.cat([q[:, 4:], q[:, :4]], dim=1)
+    torch.testing.assert_close(band_angles(q, swapped, 4), torch.full((2,), torch.pi / 2, dtype=torch.float64))
 
 
 def test_skew_from_params() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from spectral_diffusion.bands import oriented_svd
+from spectral_diffusion.bands import band_angles, oriented_svd, weight_matrix
 from spectral_diffusion.fingerprint import tensor_digest
 from spectral_diffusion.svd_cache import MIN_STORED_COLUMNS, SVDCache, default_cache_dir
 
@@ -108,3 +108,53 @@ def test_tensor_digest_is_dtype_blind_and_shape_aware() -> None:
     assert tensor_digest(t) != tensor_digest(t.reshape(4, 6))
     assert tensor_digest(t) != tensor_digest(t + 1e-2)
     assert len(tensor_digest(t)) == 64
+
+
+def wide_layer(flat: bool) -> nn.Linear:
+    """A 520 x 600 layer (wide enough for the randomized SVD at 64 columns), decaying or flat (Gaussian) spectrum."""
+    gen = torch.Generator().manual_seed(5)
+    layer = nn.Linear(600, 520, bias=False)
+    with torch.no_grad():
+        if flat:
+            layer.weight.copy_(torch.randn(520, 600, generator=gen))
+        else:
+            spectrum = (torch.arange(520) + 1.0) ** -0.5
+            layer.weight.copy_((torch.randn(520, 520, generator=gen) * spectrum) @ torch.randn(520, 600, generator=gen))
+    return layer
+
+
+def test_randomized_entries_match_exact_and_are_cached_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("spectral_diffusion.svd_cache.RANDOMIZED_MIN_RATIO", 4 * 64 / 520)  # 520 counts as wide
+    mods = {"w": wide_layer(flat=False)}
+    fast = SVDCache(tmp_path)
+    assert fast.method == "randomized"
+    u, s, v = fast.band_svd(mods, 16)["w"]
+    assert (fast.misses, fast.fallbacks) == (1, 0)
+    exact = SVDCache(tmp_path, method="exact")
+    ue, se, ve = exact.band_svd(mods, 16)["w"]
+    assert exact.misses == 1 and len(entry_files(exact)) == 2  # one entry per method, never served across
+    assert float(band_angles(ue, u, 4).max()) < 0.01 and float(band_angles(ve, v, 4).max()) < 0.01
+    torch.testing.assert_close(s, se, rtol=1e-4, atol=0)
+    again = SVDCache(tmp_path)
+    served = again.band_svd(mods, 8)["w"]  # any k up to 64 reads the same 64-column entry
+    assert (again.hits, again.misses) == (1, 0) and torch.equal(served[0], u[:, :8])
+
+
+def test_flat_spectrum_falls_back_to_the_exact_svd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("spectral_diffusion.svd_cache.RANDOMIZED_MIN_RATIO", 4 * 64 / 520)
+    layer = wide_layer(flat=True)
+    cache = SVDCache(tmp_path)
+    u, s, v = cache.band_svd({"w": layer}, 16)["w"]
+    assert (cache.misses, cache.fallbacks) == (1, 1)
+    expected = oriented_svd(weight_matrix(layer), 64)
+    assert torch.equal(u, expected[0][:, :16]) and torch.equal(s, expected[1][:16])
+
+
+def test_narrow_layers_use_the_exact_svd_under_its_own_key(tmp_path: Path) -> None:
+    mods = layers()
+    SVDCache(tmp_path).band_svd(mods, 8)
+    exact = SVDCache(tmp_path, method="exact")
+    exact.band_svd(mods, 8)
+    assert exact.hits == 3
+    with pytest.raises(ValueError, match="unknown SVD method"):
+        SVDCache(tmp_path, method="lanczos")
