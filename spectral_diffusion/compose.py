@@ -1,10 +1,12 @@
-"""Live composition: several concept files on one loaded pipeline, with weights, without merging.
+"""Live composition: several concept files on one loaded pipeline, with weights, without touching the base weights.
 
 Each concept becomes one named adapter in the core's `AdapterLayer` wrappers, at scale = its weight, so the output is
 `W x + sum_i w_i dW_i x`: what `fusion.fuse(..., method="spectral")` bakes into the weights, to float rounding.
 Changing a weight is a `set_scale` on each wrapper (microseconds); adding or removing a concept rebuilds the live set
 in one canonical order from the cached concept files (by path, size and modification time), so an image depends
 only on the live set and weights, never on the calls before (it reproduces from its PNG metadata bit for bit).
+By default (`merge=True`) the wrappers run one dense weight `W + sum_i w_i dW_i`, rebuilt from the untouched base
+weight on the first step after a change (`AdapterLayer.merge_live`), so a step with N concepts costs a base step.
 """
 
 from __future__ import annotations
@@ -53,11 +55,13 @@ class Composer:
     New concepts' tokens are appended; removing a concept rebuilds the tokens from a pristine copy of the tokenizer,
     so its token really disappears (tokenizers cannot forget an added token) and the embedding matrix shrinks.
     `allow_overlap` lets spectral concepts that share SVD columns be composed (they interfere); default refuses.
+    `merge=False` applies every concept as a per-step low-rank correction instead of a merged dense weight.
     """
 
-    def __init__(self, pipe: StableDiffusionPipeline, *, allow_overlap: bool = False) -> None:
+    def __init__(self, pipe: StableDiffusionPipeline, *, allow_overlap: bool = False, merge: bool = True) -> None:
         self.pipe = pipe
         self.allow_overlap = allow_overlap
+        self.merge = merge
         self.fingerprint = base_fingerprint(pipe.unet, pipe.text_encoder)
         self._tokenizer = copy.deepcopy(pipe.tokenizer)
         self._cache: dict[Path, _Loaded] = {}
@@ -100,6 +104,8 @@ class Composer:
             wrappers = load_adapter(self.pipe.unet, self.pipe.text_encoder, entry.concept.meta.variant,
                                     entry.concept.layers, name=entry.adapter, scale=wanted[path])
             self._live[path] = _Live(entry, wanted[path], list(wrappers.values()))
+            for layer in wrappers.values():
+                layer.merge_live = self.merge
         self.pipe.tokenizer = copy.deepcopy(self._tokenizer)
         add_tokens(self.pipe, [entries[path].concept for path in sorted(wanted)])
 
@@ -108,9 +114,13 @@ class Composer:
         """Inside the block only the live concepts whose token is in `prompt` apply; the others are at scale 0.
 
         Latent-mode regional generation runs each region's pass in `scope(region prompt)`, so a concept draws only
-        where its token is asked for (`generation.generate(..., scope=composer.scope)`).
+        where its token is asked for (`generation.generate(..., scope=composer.scope)`). Layers holding a concept
+        that is off take the live path meanwhile; their merged weight is kept for after the block, unchanged.
         """
         off = [live for live in self._live.values() if live.entry.concept.meta.token not in prompt]
+        unmerged = {id(layer): layer for live in off for layer in live.layers}.values()
+        for layer in unmerged:
+            layer.merge_live = False
         for live in off:
             for layer in live.layers:
                 layer.set_scale(live.entry.adapter, 0.0)
@@ -120,6 +130,8 @@ class Composer:
             for live in off:
                 for layer in live.layers:
                     layer.set_scale(live.entry.adapter, live.weight)
+            for layer in unmerged:
+                layer.merge_live = self.merge
 
     def clear(self) -> None:
         """Back to the plain base model."""

@@ -219,6 +219,52 @@ def test_merge_unmerge_round_trip(variant: str, kind: str) -> None:
         layer.unmerge("a")
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv3x3"])
+def test_merge_live_equals_the_live_path_and_never_writes_the_base_weight(kind: str) -> None:
+    base, x = layer_and_input(kind)
+    original = base.weight.detach().clone()
+    layer = AdapterLayer(base)
+    for i, variant in enumerate(("additive", "rotational")):
+        adapter = new_adapter(variant, weight_matrix(base), band=i, seed=i)
+        randomize(adapter, seed=i)
+        layer.add_adapter(variant, adapter, scale=0.7 - i)
+    live = layer(x)
+    layer.merge_live = True
+    merged = layer(x)
+    torch.testing.assert_close(merged, live, atol=1e-5, rtol=1e-5)
+    assert torch.equal(base.weight, original)  # the dense weight is a separate tensor
+    first = layer.live_weight().clone()
+    layer.set_scale("additive", 2.0)  # a change rebuilds from the base weight ...
+    changed = layer(x)
+    layer.merge_live = False
+    torch.testing.assert_close(changed, layer(x), atol=1e-5, rtol=1e-5)
+    layer.merge_live = True
+    layer.set_scale("additive", 0.7)  # ... so going back gives the first weight bit for bit (no float history)
+    assert torch.equal(layer.live_weight(), first) and torch.equal(layer(x), merged)
+    layer.merge_live = False
+    assert torch.equal(layer(x), live)
+    layer.set_scale("additive", 0.0)
+    layer.set_scale("rotational", 0.0)
+    layer.merge_live = True
+    assert layer.live_weight() is None and torch.equal(layer(x), base(x))
+
+
+def test_merge_live_follows_changes_of_the_base_weight() -> None:
+    base, x = layer_and_input("linear")
+    layer = AdapterLayer(base)
+    adapter = new_adapter("additive", weight_matrix(base))
+    randomize(adapter)
+    layer.add_adapter("a", adapter)
+    layer.merge_live = True
+    layer(x)
+    with torch.no_grad():
+        base.weight.mul_(2.0)
+    layer.merge_live = False
+    live = layer(x)
+    layer.merge_live = True
+    torch.testing.assert_close(layer(x), live, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_delta_factors_from_state_equal_module_and_rebuild(variant: str) -> None:
     weight = torch.randn(24, 20, generator=torch.Generator().manual_seed(0))

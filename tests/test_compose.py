@@ -109,7 +109,7 @@ def test_scope_applies_only_the_concepts_a_prompt_names(tiny_pipe, paths) -> Non
         scoped = latents()
     assert torch.equal(latents(), both)  # the weights come back after the block
     composer.set_concepts({paths[1]: 0.5})
-    assert torch.allclose(scoped, latents(), rtol=0, atol=1e-6)
+    assert (scoped - latents()).abs().max() < 1e-5 * scoped.abs().max()  # live path vs merged weight: rounding
     assert (scoped - both).abs().max() > 1e-3
 
 

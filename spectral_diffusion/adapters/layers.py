@@ -291,6 +291,12 @@ class AdapterLayer(nn.Module):
     ``forward = base(x) + sum(scale_i * correction_i(x))`` over adapters that are not merged and have a
     nonzero scale; corrections run in each adapter's dtype. ``weight``/``bias`` forward to the base layer
     because diffusers reads e.g. ``attn.to_q.weight.dtype``.
+
+    With ``merge_live`` set (inference with frozen adapters, e.g. live composition), the forward instead runs the
+    base layer once with a dense weight ``W + sum scale_i dW_i``, so N concepts cost what the base costs. That
+    weight is a separate tensor rebuilt from the untouched base weight (adapters in insertion order) whenever a
+    scale, an adapter, or the base weight changes, never patched: it depends only on the current state, not on
+    the history of changes, and the base weight is never written. It costs one more copy of the layer's weight.
     """
 
     def __init__(self, base: nn.Module) -> None:
@@ -300,6 +306,8 @@ class AdapterLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.scales: dict[str, float] = {}
         self.merged: dict[str, float] = {}
+        self.merge_live = False
+        self._live_weight: tuple[tuple, torch.Tensor] | None = None  # (state key, dense weight)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -365,14 +373,46 @@ class AdapterLayer(nn.Module):
             self.unmerge(name)
         del self.adapters[name]
         del self.scales[name]
+        self._live_weight = None
+
+    def _live_names(self) -> list[str]:
+        """Adapters the forward applies: not merged into the base weight, nonzero scale."""
+        return [name for name in self.adapters if name not in self.merged and self.scales[name] != 0.0]
+
+    @torch.no_grad()
+    def live_weight(self) -> torch.Tensor | None:
+        """The dense ``W + sum scale_i dW_i`` over the live adapters (None when there are none), cached until the
+        scales, adapters or base weight change; summed in fp32 in one product, in insertion order."""
+        names = self._live_names()
+        if not names:
+            self._live_weight = None
+            return None
+        weight = self.base.weight
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(
+            (name, id(self.adapters[name]), self.scales[name], tuple(t._version for t in self.adapters[name].tensors().values()))
+            for name in names))
+        if self._live_weight is None or self._live_weight[0] != key:
+            self._live_weight = None  # free the stale copy before building the new one
+            factors = [self.adapters[name].delta_factors() for name in names]
+            up = torch.cat([u * self.scales[name] for name, (u, _) in zip(names, factors, strict=True)], dim=1)
+            down = torch.cat([d for _, d in factors], dim=0)
+            base = weight_matrix(self.base)
+            dense = torch.addmm(base.float(), up.to(base.device), down.to(base.device)).to(weight.dtype)
+            self._live_weight = (key, dense.view_as(weight))
+        return self._live_weight[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merge_live:
+            weight = self.live_weight()
+            if weight is None:
+                return self.base(x)
+            if isinstance(self.base, nn.Conv2d):
+                return self.base._conv_forward(x, weight, self.base.bias)
+            return F.linear(x, weight, self.base.bias)
         y = self.base(x)
         conv = self.base if isinstance(self.base, nn.Conv2d) else None
-        for name, adapter in self.adapters.items():
-            scale = self.scales[name]
-            if name in self.merged or scale == 0.0:
-                continue
+        for name in self._live_names():
+            adapter, scale = self.adapters[name], self.scales[name]
             correction = adapter.correction(x.to(adapter.dtype), conv)
             y = torch.add(y, correction.to(y.dtype), alpha=scale)
         return y
