@@ -307,7 +307,8 @@ class AdapterLayer(nn.Module):
         self.scales: dict[str, float] = {}
         self.merged: dict[str, float] = {}
         self.merge_live = False
-        self._live_weight: tuple[tuple, torch.Tensor] | None = None  # (state key, dense weight)
+        self._changes = 0  # counts changes of the adapter set and merges: part of the dense weight's cache key
+        self._live_weight: tuple[tuple, torch.Tensor] | None = None  # (cache key, dense weight)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -335,6 +336,7 @@ class AdapterLayer(nn.Module):
             )
         self.adapters[name] = adapter
         self.scales[name] = float(scale)
+        self._changes += 1
 
     def set_scale(self, name: str, scale: float) -> None:
         self._adapter(name)
@@ -357,6 +359,7 @@ class AdapterLayer(nn.Module):
         weight = weight_matrix(self.base)
         weight += (scale * self.delta_weight(name)).to(weight.dtype)
         self.merged[name] = scale
+        self._changes += 1
 
     @torch.no_grad()
     def unmerge(self, name: str) -> None:
@@ -365,6 +368,7 @@ class AdapterLayer(nn.Module):
             raise SpectralDiffusionError(f"adapter {name!r} is not merged")
         weight = weight_matrix(self.base)
         weight -= (self.merged.pop(name) * self.delta_weight(name)).to(weight.dtype)
+        self._changes += 1
 
     def remove_adapter(self, name: str) -> None:
         """Drop an adapter, unmerging it first so the base weight is restored."""
@@ -373,32 +377,34 @@ class AdapterLayer(nn.Module):
             self.unmerge(name)
         del self.adapters[name]
         del self.scales[name]
+        self._changes += 1
         self._live_weight = None
 
     def _live_names(self) -> list[str]:
         """Adapters the forward applies: not merged into the base weight, nonzero scale."""
         return [name for name in self.adapters if name not in self.merged and self.scales[name] != 0.0]
 
-    @torch.no_grad()
     def live_weight(self) -> torch.Tensor | None:
-        """The dense ``W + sum scale_i dW_i`` over the live adapters (None when there are none), cached until the
-        scales, adapters or base weight change; summed in fp32 in one product, in insertion order."""
+        """The dense ``W + sum scale_i dW_i`` over the live adapters (None when there are none), cached for the
+        current scales, adapter set, merges and base weight (scales set back reuse it); summed in fp32 in one
+        product, in insertion order. Adapter tensors are taken as frozen (edits in place are not seen): inference."""
+        weight = self.base.weight
+        key = (self._changes, tuple(self.scales.values()), weight.data_ptr(), weight._version, weight.dtype,
+               weight.device)
+        if self._live_weight is not None and self._live_weight[0] == key:
+            return self._live_weight[1]
         names = self._live_names()
         if not names:
             self._live_weight = None
             return None
-        weight = self.base.weight
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(
-            (name, id(self.adapters[name]), self.scales[name], tuple(t._version for t in self.adapters[name].tensors().values()))
-            for name in names))
-        if self._live_weight is None or self._live_weight[0] != key:
-            self._live_weight = None  # free the stale copy before building the new one
+        self._live_weight = None  # free the stale copy before building the new one
+        with torch.no_grad():
             factors = [self.adapters[name].delta_factors() for name in names]
             up = torch.cat([u * self.scales[name] for name, (u, _) in zip(names, factors, strict=True)], dim=1)
             down = torch.cat([d for _, d in factors], dim=0)
             base = weight_matrix(self.base)
             dense = torch.addmm(base.float(), up.to(base.device), down.to(base.device)).to(weight.dtype)
-            self._live_weight = (key, dense.view_as(weight))
+        self._live_weight = (key, dense.view_as(weight))
         return self._live_weight[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
