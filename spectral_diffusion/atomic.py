@@ -13,6 +13,7 @@ import fcntl
 import os
 import re
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -100,17 +101,20 @@ def check_writable(folder: str | Path) -> None:
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a fresh temp path beside `path`, fsync it, then rename it over `path`.
 
-    The temp file is created empty before `write` runs (with the usual permissions: umask applies, unlike
-    mkstemp's 0600) and `write` may reopen or truncate it.
+    The temp file is created empty before `write` runs, with the usual permissions (0666 less the umask), and
+    `write` may reopen, truncate or even replace it: writers that make their own private file (safetensors writes
+    0600) get the usual permissions back before the rename.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_siblings(path)
     tmp = _sibling(path, "tmp")
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)
     try:
         with _held(tmp):
             write(tmp)
+            os.chmod(tmp, mode)
             _fsync(tmp)
             os.replace(tmp, path)
         _fsync(path.parent)
@@ -121,16 +125,20 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 @contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temp folder beside `path`; on success, with every file in it fsynced, it takes `path`'s place (an
-    old folder is removed after)."""
+    """Yield a temp folder beside `path`; on success, with every file in it given the usual permissions (0666 less
+    the umask, whatever its writer used) and fsynced, it takes `path`'s place (an old folder is removed after)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_siblings(path)
     tmp = _sibling(path, "tmp")
     tmp.mkdir()
+    file_mode = stat.S_IMODE(os.stat(tmp).st_mode) & 0o666  # mkdir applied the umask to 0777
     try:
         with _held(tmp):
             yield tmp
+            for folder, _, files in os.walk(tmp):
+                for name in files:
+                    os.chmod(Path(folder, name), file_mode)
             _fsync_tree(tmp)
             if path.exists():
                 old = _sibling(path, "old")

@@ -32,6 +32,14 @@ TOKEN_KEY = "token_embeddings"
 SEP = "::"
 
 
+def canonical_token(token: str) -> str:
+    """The one spelling of a trigger word: lower case. CLIP lower-cases prompts, and diffusers'
+    `load_textual_inversion` adds a token as a normalised entry that only lower-case text matches (and expands a
+    multi-vector token only when spelled exactly so), so a lower-case token is the one spelling that works the same
+    here, in diffusers, and in A1111 / ComfyUI (embedding file `<token>.safetensors`)."""
+    return token.lower()
+
+
 def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -54,6 +62,14 @@ class ConceptMeta:
     created: str = field(default_factory=_utc_now)
     tool_version: str = __version__
     format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        # One spelling per token, also for files written before tokens were stored lower-case (types are checked
+        # later, by `_check`).
+        if isinstance(self.token, str):
+            self.token = canonical_token(self.token)
+        if isinstance(self.token_names, list):
+            self.token_names = [canonical_token(n) if isinstance(n, str) else n for n in self.token_names]
 
 
 @dataclass

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from spectral_diffusion.adapters.layers import Factors
 from spectral_diffusion.atomic import atomic_write, check_writable
-from spectral_diffusion.concept_file import Concept, load_concept
+from spectral_diffusion.concept_file import Concept, canonical_token, load_concept
 from spectral_diffusion.errors import SpectralDiffusionError
 
 FORMATS = ("peft", "kohya")
@@ -68,10 +68,17 @@ def lora_tensors(factors: Mapping[str, Factors], fmt: str = "peft",
     return out
 
 
-def textual_inversion_path(lora_path: str | Path) -> Path:
-    """Where the token embedding goes: `dogA.safetensors` -> `dogA.ti.safetensors`."""
-    lora_path = Path(lora_path)
-    return lora_path.with_name(lora_path.stem + ".ti.safetensors")
+def embedding_file_name(token: str) -> str:
+    """`<doga>` -> `<doga>.safetensors`: A1111 and ComfyUI take an embedding's file name as its trigger word."""
+    token = canonical_token(token)
+    if not token or any(c in token for c in "/\\\0") or token in (".", ".."):
+        raise SpectralDiffusionError(f"token {token!r} cannot name an embedding file")
+    return f"{token}.safetensors"
+
+
+def textual_inversion_path(lora_path: str | Path, token: str) -> Path:
+    """Where a LoRA's token embedding goes: beside it, named after the token (`embedding_file_name`)."""
+    return Path(lora_path).with_name(embedding_file_name(token))
 
 
 @dataclass(frozen=True)
@@ -88,16 +95,14 @@ def export_lora(
 ) -> Exported:
     """Write the LoRA to `out` and the token embedding next to it (`textual_inversion_path`).
 
-    The embedding file holds one tensor `{token: [n_vectors, dim]}`, the single-key layout that diffusers'
-    `load_textual_inversion`, A1111 and ComfyUI all read. Its token is lower-cased (`<dogA>` -> `<doga>`) and
-    prompts must spell it so: diffusers adds it as a normalised tokenizer entry, which matches lower-case text
-    only, and expands a multi-vector token into `<tok> <tok>_1 ...` only by that exact spelling; a mixed-case
-    token would silently use one of its vectors.
+    The embedding file `<token>.safetensors` holds one tensor `{token: [n_vectors, dim]}`, the single-key layout
+    that diffusers' `load_textual_inversion`, A1111 and ComfyUI all read; its key and file name are the concept's
+    trigger word (`canonical_token`), the spelling that works verbatim in all three.
     """
     if not isinstance(concept, Concept):
         concept = load_concept(concept)
     out = Path(out)
-    ti_out = textual_inversion_path(out)
+    ti_out = textual_inversion_path(out, concept.meta.token)
     if out.suffix != ".safetensors":
         raise SpectralDiffusionError(f"{out}: LoRA files are written as .safetensors")
     for path in (out, ti_out):
@@ -111,10 +116,10 @@ def export_lora(
     metadata = {"format": "pt", "spectral_diffusion_export": json.dumps(source, sort_keys=True)}
     atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     write_textual_inversion(ti_out, meta.token, concept.token_embeddings)
-    return Exported(out, ti_out, meta.token.lower())
+    return Exported(out, ti_out, canonical_token(meta.token))
 
 
 def write_textual_inversion(path: str | Path, token: str, rows: torch.Tensor) -> Path:
-    """Write `{token: [n_vectors, dim]}` (fp32, token lower-cased: see `export_lora`), atomically."""
-    embedding = {token.lower(): rows.detach().to("cpu", torch.float32).contiguous()}
+    """Write `{token: [n_vectors, dim]}` (fp32, token in its canonical spelling: see `export_lora`), atomically."""
+    embedding = {canonical_token(token): rows.detach().to("cpu", torch.float32).contiguous()}
     return atomic_write(path, lambda tmp: save_file(embedding, tmp, metadata={"format": "pt"}))

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
+from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
 from safetensors.torch import save_file
 from torch import nn
 
@@ -48,7 +49,7 @@ from spectral_diffusion.atomic import atomic_directory, check_writable
 from spectral_diffusion.bands import weight_matrix
 from spectral_diffusion.concept_file import Concept, ConceptMeta, load_concept
 from spectral_diffusion.errors import SpectralDiffusionError, check_number
-from spectral_diffusion.export import lora_tensors, write_textual_inversion
+from spectral_diffusion.export import embedding_file_name, lora_tensors, write_textual_inversion
 from spectral_diffusion.fingerprint import base_fingerprint
 from spectral_diffusion.single_file import CLIP_PREFIX, pipeline_to_ldm
 from spectral_diffusion.tokens import add_concept_tokens, check_new_token, token_ids
@@ -66,21 +67,26 @@ ORDINARY_TEMPLATES = ("", "a photo of a {}", "a {}", "{}")  # closed-form fusion
 
 
 def ties_merge(deltas: Sequence[torch.Tensor], density: float) -> torch.Tensor:
-    """TIES-merging of (already weighted) dense deltas: trim, elect sign, disjoint mean."""
+    """TIES-merging of (already weighted) dense deltas: trim, elect sign, disjoint mean.
+
+    The sign election and disjoint mean are PEFT's (`peft.utils.merge_utils`); the trim is kept here because PEFT's
+    keeps `int(density * n)` entries (none of a small layer at low density) where this keeps the nearest count, at
+    least one. Where the counts agree the result is PEFT's `ties` exactly (tests/test_fusion.py)."""
     trimmed = []
     for delta in deltas:
         keep = max(1, round(density * delta.numel()))
         threshold = delta.abs().flatten().kthvalue(delta.numel() - keep + 1).values
         trimmed.append(torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta)))
     stack = torch.stack(trimmed)
-    sign = torch.sign(stack.sum(0))
-    agree = (torch.sign(stack) == sign) & (stack != 0)
-    return (stack * agree).sum(0) / agree.sum(0).clamp(min=1)
+    return disjoint_merge(stack, calculate_majority_sign_mask(stack, method="total"))
 
 
 def dare_merge(deltas: Sequence[torch.Tensor], density: float,
                generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """DARE: keep each entry with probability `density` (one generator per delta), rescale by `1/density`, sum."""
+    """DARE: keep each entry with probability `density` (one generator per delta), rescale by `1/density`, sum.
+
+    PEFT's `dare_linear` is the same formula but draws from the global RNG; the per-layer generators here make a
+    fusion reproducible from its seed whatever ran before."""
     merged = torch.zeros_like(deltas[0])
     for delta, gen in zip(deltas, generators, strict=True):
         keep = torch.rand(delta.shape, generator=gen, dtype=torch.float32) < density
@@ -560,19 +566,14 @@ def _ldm_without_new_tokens(pipe: StableDiffusionPipeline, report: FusionReport)
 
 def _write_embeddings(pipe: StableDiffusionPipeline, report: FusionReport, folder: Path) -> list[Path]:
     """One textual-inversion file per concept, `{token: [n_vectors, dim]}` as export.py writes them, named after
-    the token without brackets (A1111 uses the file name as the trigger word)."""
+    the token (`<doga>.safetensors`: A1111 and ComfyUI use the file name as the trigger word)."""
     folder.mkdir()
     weight = pipe.text_encoder.get_input_embeddings().weight.detach()
     paths = []
     for concept in report.concepts:
         rows = weight[token_ids(pipe.tokenizer, concept.token_names)]
-        paths.append(write_textual_inversion(folder / f"{_file_stem(concept.token)}.safetensors", concept.token, rows))
+        paths.append(write_textual_inversion(folder / embedding_file_name(concept.token), concept.token, rows))
     return paths
-
-
-def _file_stem(token: str) -> str:
-    stem = "".join(c for c in token if c.isalnum() or c in "-_.")
-    return stem or "token"
 
 
 def read_fusion_json(model_dir: str | Path) -> dict[str, Any] | None:

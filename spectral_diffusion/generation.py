@@ -16,9 +16,9 @@ import math
 import os
 import random
 import re
-import tempfile
+import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ from PIL.PngImagePlugin import PngInfo
 from spectral_diffusion.atomic import atomic_write, check_writable
 from spectral_diffusion.errors import SpectralDiffusionError, check_number
 from spectral_diffusion.regional import ConceptScope, Region, check_region_mode, regional_prompting
+from spectral_diffusion.tokens import canonical_prompt
 
 # Seeds are A1111's 32-bit ones (the app's and the CLI's rule alike); -1 asks for a random seed (`resolve_seed`).
 MAX_SEED = 2**32 - 1
@@ -160,8 +161,12 @@ def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, *, mod
     `scope` (`Composer.scope` of the live concepts): in latent region mode each region applies only the concepts its
     prompt names.
 
+    Concept tokens are case-insensitive: every prompt is respelled with the tokens as stored (`<DogA>` -> `<doga>`,
+    also in the metadata), which diffusers needs to use all of a token's vectors.
+
     The pipeline's scheduler and attention processors are restored afterwards.
     """
+    settings = canonical_settings(pipe, settings)
     width, height = settings.size or native_size(pipe)
     step = size_multiple(pipe)
     if width % step or height % step or width <= 0 or height <= 0:
@@ -183,6 +188,15 @@ def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, *, mod
         pipe.scheduler = previous
     return [GeneratedImage(img, s, infotext(settings, s, (width, height), model, concepts or {}))
             for img, s in zip(images, seeds, strict=True)]
+
+
+def canonical_settings(pipe: StableDiffusionPipeline, settings: GenerationSettings) -> GenerationSettings:
+    """`settings` with every prompt's concept tokens spelled as the pipeline's tokenizer holds them."""
+    def spell(text: str | None) -> str | None:
+        return None if text is None else canonical_prompt(pipe.tokenizer, text)
+
+    regions = tuple(replace(r, prompt=spell(r.prompt), negative=spell(r.negative)) for r in settings.regions)
+    return replace(settings, prompt=spell(settings.prompt), negative=spell(settings.negative), regions=regions)
 
 
 def _quote(value: object) -> str:
@@ -245,7 +259,8 @@ def save_images(images: Sequence[GeneratedImage], out_dir: str | Path) -> list[P
     for item in images:
         info = PngInfo()
         info.add_text("parameters", item.parameters)
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=".png-", suffix=".tmp")
+        tmp = out / f".png-{uuid.uuid4().hex[:12]}.tmp"
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # not mkstemp's 0600: umask applies
         try:
             with os.fdopen(fd, "wb") as handle:
                 item.image.save(handle, format="PNG", pnginfo=info)

@@ -1,17 +1,19 @@
-"""Concept tokens: new words such as `<dogA>` with their own embedding vectors.
+"""Concept tokens: new words such as `<doga>` with their own embedding vectors.
 
-A token owning n vectors is added as `<dogA>`, `<dogA>_1`, ... `<dogA>_{n-1}` (the convention of diffusers'
-`load_textual_inversion` and A1111), so diffusers' `maybe_convert_prompt` expands `<dogA>` in a prompt into all of
-them. Tokens are added un-normalised: CLIP lower-cases ordinary text, and a normalised `<dogA>` would tokenize as
-`<doga>`, which `maybe_convert_prompt` does not recognise, silently dropping every vector but the first.
+A token owning n vectors is added as `<doga>`, `<doga>_1`, ... `<doga>_{n-1}` (the convention of diffusers'
+`load_textual_inversion` and A1111), so diffusers' `maybe_convert_prompt` expands `<doga>` in a prompt into all of
+them. Tokens are stored lower-case (`concept_file.canonical_token`): the spelling that diffusers'
+`load_textual_inversion` matches and expands. They are added un-normalised and matched by that exact spelling;
+`canonical_prompt` first respells a prompt's tokens as stored, so prompts are case-insensitive here while the stored
+spelling is the one trigger word that works everywhere.
 
 Training never touches the (frozen) embedding matrix: `ConceptEmbeddings` holds the new rows as their own parameter
 and substitutes them into the embedding layer's output, so the optimizer state is n rows, not the whole vocabulary,
 and every other row stays bit-identical by construction. `write()` copies the trained rows into the matrix at the end.
 """
-
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,6 +22,7 @@ from diffusers.loaders import TextualInversionLoaderMixin
 from torch import nn
 from transformers import AddedToken, PreTrainedModel, PreTrainedTokenizerBase
 
+from spectral_diffusion.concept_file import canonical_token
 from spectral_diffusion.errors import SpectralDiffusionError
 
 # Mean norm of SD 1.5's CLIP vocabulary rows is ~0.39; Mix-of-Show stops its token embeddings at ~0.55.
@@ -27,7 +30,7 @@ NORM_CAP_FACTOR = 1.4
 
 
 def token_names(token: str, num_vectors: int) -> list[str]:
-    """`<dogA>`, `<dogA>_1`, ...: one tokenizer entry per embedding vector."""
+    """`<doga>`, `<doga>_1`, ...: one tokenizer entry per embedding vector."""
     return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
 
 
@@ -39,8 +42,11 @@ def check_new_token(tokenizer: PreTrainedTokenizerBase, token: str, num_vectors:
     if "{" in token or "}" in token:
         raise SpectralDiffusionError(f"token {token!r} must not contain braces: captions use {{token}} and "
                                      "{class_word} as placeholders; pick a word such as <dogA>")
+    if any(c in token for c in "/\\\0"):
+        raise SpectralDiffusionError(f"token {token!r} must not contain slashes: its embedding file is named "
+                                     "after it; pick a word such as <dogA>")
     vocab = tokenizer.get_vocab()
-    for name in token_names(token, num_vectors):
+    for name in token_names(canonical_token(token), num_vectors):
         if name in vocab or len(tokenizer.tokenize(name)) == 1:  # one piece: an existing word or added token
             raise SpectralDiffusionError(
                 f"token {name!r} is already in the tokenizer's vocabulary; pick a new word such as <{name.strip('<>')}1>")
@@ -48,7 +54,8 @@ def check_new_token(tokenizer: PreTrainedTokenizerBase, token: str, num_vectors:
 
 def add_concept_tokens(tokenizer: PreTrainedTokenizerBase, text_encoder: PreTrainedModel, token: str,
                        embeddings: torch.Tensor) -> list[str]:
-    """Add `token` with one vector per row of `embeddings` [n, dim]; return the names added.
+    """Add `token` (in its canonical lower-case spelling) with one vector per row of `embeddings` [n, dim];
+    return the names added.
 
     Grows the text encoder's embedding matrix (the old rows are kept bit-identical and keep their `requires_grad`).
     Raises `SpectralDiffusionError` if the token or one of its `_i` names is already known.
@@ -60,7 +67,7 @@ def add_concept_tokens(tokenizer: PreTrainedTokenizerBase, text_encoder: PreTrai
     if embeddings.shape[1] != old.embedding_dim:
         raise SpectralDiffusionError(
             f"token {token} has {embeddings.shape[1]}-dim embeddings; this text encoder uses {old.embedding_dim}")
-    names = token_names(token, embeddings.shape[0])
+    names = token_names(canonical_token(token), embeddings.shape[0])
     check_new_token(tokenizer, token, len(names))
     tokenizer.add_tokens([AddedToken(name, normalized=False) for name in names])
     resize_embeddings(text_encoder, len(tokenizer))
@@ -91,8 +98,22 @@ def token_ids(tokenizer: PreTrainedTokenizerBase, names: list[str]) -> list[int]
     return [int(i) for i in tokenizer.convert_tokens_to_ids(names)]
 
 
+def canonical_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """`prompt` with every added token respelled as the tokenizer holds it (`<DogA>` -> `<doga>`), so the
+    case-sensitive expansion of multi-vector tokens (`maybe_convert_prompt`) sees each one."""
+    stored = {t.content.lower(): t.content for t in tokenizer.added_tokens_decoder.values() if not t.special}
+    if not stored:
+        return prompt
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(stored, key=len, reverse=True)), re.IGNORECASE)
+    return pattern.sub(lambda m: stored[m[0].lower()], prompt)
+
+
 def expand_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[str]) -> str | list[str]:
-    """`<dogA>` -> `<dogA> <dogA>_1 ...`, exactly as a diffusers pipeline does at generation time."""
+    """`<DogA>` -> `<doga> <doga>_1 ...`: the canonical spelling, expanded as a diffusers pipeline does it."""
+    if isinstance(prompt, str):
+        prompt = canonical_prompt(tokenizer, prompt)
+    else:
+        prompt = [canonical_prompt(tokenizer, p) for p in prompt]
     return TextualInversionLoaderMixin().maybe_convert_prompt(prompt, tokenizer)
 
 

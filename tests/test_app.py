@@ -90,7 +90,7 @@ def test_concepts_are_listed_with_trigger_band_and_base(served):
     client, backend = served
     listed = {c["name"]: c for c in client.predict(api_name="/concepts")}
     assert set(listed) == set(CONCEPTS)
-    assert listed["dogA"]["triggers"] == ["<dogA>"] and listed["dogA"]["class_word"] == "dog"
+    assert listed["dogA"]["triggers"] == ["<doga>"] and listed["dogA"]["class_word"] == "dog"
     assert {listed["dogA"]["band"], listed["catB"]["band"]} == {0, 1}
     assert all(c["fits_base"] and c["base_fingerprint"] == backend.fingerprint for c in listed.values())
     previews = {c.name: c.preview for c in backend.concepts()}
@@ -104,7 +104,7 @@ def test_listing_skips_files_that_are_not_concepts(served, tmp_path):
     save_file({"lora_A": torch.zeros(2, 2)}, tmp_path / "some_lora.safetensors")
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
     listed = list_concepts(tmp_path)
-    assert [(c.name, c.triggers, c.preview) for c in listed] == [("dogA", ("<dogA>",), None)]  # preview not copied
+    assert [(c.name, c.triggers, c.preview) for c in listed] == [("dogA", ("<doga>",), None)]  # preview not copied
 
 
 def test_generate_with_concepts_composes_live(served):
@@ -145,7 +145,7 @@ def test_two_region_generate(served):
     gallery, seed, parameters = generate(client, concepts=concepts, width=24, height=16,
                                          regions={"headers": HEADERS, "data": rows}, region_feather=0.1)
     assert Image.open(gallery[0]["image"]).size == (24, 16) and seed == 7
-    assert 'Regions: "<dogA> dog:0,0,0.5,1 | <catB> cat:0.5,0,1,1"' in parameters
+    assert 'Regions: "<doga> dog:0,0,0.5,1 | <catb> cat:0.5,0,1,1"' in parameters
     plain = generate(client, concepts=concepts, width=24, height=16)
     assert not np.array_equal(pixels((gallery, seed, parameters)), pixels(plain))
     assert "Region mode" not in parameters
@@ -281,8 +281,9 @@ def test_fuse_and_export(served):
                        density=0.5, api_name="/fuse")
     files, message = client.predict(concept="dogA", lora_format="kohya", output_name="dogA_lora",
                                     api_name="/export_lora")
-    assert [Path(f).name for f in files] == ["dogA_lora.safetensors", "dogA_lora.ti.safetensors"]
+    assert [Path(f).name for f in files] == ["dogA_lora.safetensors", "doga.safetensors"]  # gradio drops <>
     assert (backend.output_dir / "loras" / "dogA_lora.safetensors").is_file()
+    assert (backend.output_dir / "loras" / "<doga>.safetensors").is_file()
     assert "use <doga> in prompts" in message
 
 

@@ -126,9 +126,9 @@ def test_generate_from_the_browser(served, browser, tmp_path):  # noqa: F811
     browser.type(picker, "\ue00c")  # Escape
     # its row: a weight slider and a button inserting the trigger into the prompt
     browser.click(browser.wait_for(
-        "Array.from(document.querySelectorAll('button')).find(b => b.textContent.trim() === 'Insert <dogA>')"))
-    assert browser.wait_for("(v => v.endsWith('<dogA>') && v)(document.querySelector('#prompt textarea').value)") \
-        == "a photo of <dogA>"
+        "Array.from(document.querySelectorAll('button')).find(b => b.textContent.trim() === 'Insert <doga>')"))
+    assert browser.wait_for("(v => v.endsWith('<doga>') && v)(document.querySelector('#prompt textarea').value)") \
+        == "a photo of <doga>"
     browser.js("const input = document.querySelector('.concept-weight input[type=number]');"
                "Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set.call(input, '1.5');"
                "input.dispatchEvent(new Event('input', {bubbles: true}));"
@@ -151,6 +151,6 @@ def test_generate_from_the_browser(served, browser, tmp_path):  # noqa: F811
         "Array.from(document.querySelectorAll('#concept-library .thumbnail-item'))"
         ".find(c => c.textContent.includes('catB'))"))
     details = browser.wait_for("(t => t.includes('catB') && t)(document.querySelector('#concept-details').innerText)")
-    assert "trigger <catB>" in details and "matches the loaded model" in details
+    assert "trigger <catb>" in details and "matches the loaded model" in details
     chips = browser.js("return document.querySelector('input[aria-label=\"Concepts\"]').closest('.block').innerText")
     assert "dogA" in chips and "catB" in chips

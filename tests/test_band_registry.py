@@ -1,19 +1,22 @@
-"""`--band auto`: registry per base fingerprint plus a concepts folder; stale entries, ranks, odd files."""
+"""`--band auto`: decided from one concepts folder (default: the output's), nothing machine-wide; ranks, odd files,
+and a clash between folders left to fusion's clear error."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
-from spectral_diffusion.band_registry import BandUse, choose_band, register_band, registry_path, used_bands
+from spectral_diffusion.band_registry import choose_band, used_bands
 from spectral_diffusion.concept_file import Concept, ConceptMeta, save_concept
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.fingerprint import base_fingerprint
+from spectral_diffusion.fusion import fuse
+from spectral_diffusion.testing.tiny_sd import random_concept
 from spectral_diffusion.training.config import TrainConfig
 from spectral_diffusion.training.trainer import Trainer
 
@@ -32,34 +35,26 @@ def _concept_file(path: Path, band: int | None, rank: int, variant: str = "addit
     return save_concept(path, Concept(meta, {"unet.x": state}, torch.zeros(1, 4)))
 
 
-def _use(path: Path, band: int, rank: int) -> BandUse:
-    path.write_bytes(b"")  # only its existence matters to the registry
-    return BandUse(band, rank, f"<{path.stem}>", str(path))
-
-
-def test_auto_takes_the_lowest_band_free_of_every_column(tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    register_band(FP, _use(tmp_path / "a.safetensors", 0, 4), cache)
-    register_band(FP, _use(tmp_path / "b.safetensors", 2, 4), cache)  # columns 8..11
-    assert choose_band("auto", 4, FP, tmp_path / "new.safetensors", cache_dir=cache) == 1
-    assert choose_band("auto", 8, FP, tmp_path / "new.safetensors", cache_dir=cache) == 2  # 0..7 and 8..15 taken
-    assert choose_band("auto", 4, "another-base", tmp_path / "new.safetensors", cache_dir=cache) == 0
+def test_auto_takes_the_lowest_band_free_of_every_column_in_the_out_folder(tmp_path: Path) -> None:
+    _concept_file(tmp_path / "a.safetensors", 0, 4)
+    _concept_file(tmp_path / "b.safetensors", 2, 4)  # columns 8..11
+    assert choose_band("auto", 4, FP, tmp_path / "new.safetensors") == 1
+    assert choose_band("auto", 8, FP, tmp_path / "new.safetensors") == 2  # 0..7 and 8..15 taken
+    assert choose_band("auto", 4, "another-base", tmp_path / "new.safetensors") == 0
     # Re-training a.safetensors does not count its own old band as taken.
-    assert choose_band("auto", 4, FP, tmp_path / "a.safetensors", cache_dir=cache) == 0
+    assert choose_band("auto", 4, FP, tmp_path / "a.safetensors") == 0
+    # Nothing outside the folder counts: another folder (or one not made yet) starts at band 0.
+    assert choose_band("auto", 4, FP, tmp_path / "elsewhere" / "new.safetensors") == 0
+    (tmp_path / "a.safetensors").unlink()  # a deleted concept frees its band
+    assert choose_band("auto", 4, FP, tmp_path / "new.safetensors") == 0
 
 
-def test_deleted_concepts_free_their_band_and_entries_are_replaced(tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    a = _use(tmp_path / "a.safetensors", 0, 4)
-    register_band(FP, a, cache)
-    register_band(FP, _use(tmp_path / "b.safetensors", 1, 4), cache)
-    Path(a.path).unlink()
-    assert [u.token for u in used_bands(FP, cache_dir=cache)] == ["<b>"]
-    assert choose_band("auto", 4, FP, tmp_path / "c.safetensors", cache_dir=cache) == 0
-    register_band(FP, _use(tmp_path / "b.safetensors", 3, 4), cache)  # b retrained in band 3: one entry
-    data = json.loads(registry_path(FP, cache).read_text())
-    assert [(c["band"], c["token"]) for c in data["concepts"]] == [(3, "<b>")]  # stale a dropped on write
-    assert data["fingerprint"] == FP and not list(registry_path(FP, cache).parent.glob(".*tmp"))
+def test_the_choice_is_logged_with_the_folder(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _concept_file(tmp_path / "a.safetensors", 0, 4)
+    with caplog.at_level(logging.INFO):
+        assert choose_band("auto", 4, FP, tmp_path / "new.safetensors") == 1
+    assert f"--band auto: band 1, the lowest free at rank 4 among the 1 concept(s) of this base in {tmp_path} " \
+           "(taken by <a>)" in caplog.text
 
 
 def test_concepts_dir_is_read_from_file_headers(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -69,46 +64,38 @@ def test_concepts_dir_is_read_from_file_headers(tmp_path: Path, caplog: pytest.L
     _concept_file(folder / "cat.safetensors", 1, 4)
     _concept_file(folder / "other_base.safetensors", 2, 4, fingerprint="ffffffffffffffff")
     _concept_file(folder / "lora.safetensors", None, 4, variant="lora")
+    save_file({"<dog>": torch.zeros(1, 4)}, folder / "<dog>.safetensors")  # an exported embedding: passed over
     (folder / "not_a_concept.safetensors").write_bytes(b"junk")
     with caplog.at_level(logging.WARNING):
-        uses = used_bands(FP, folder, cache_dir=tmp_path / "cache")
+        uses = used_bands(FP, folder)
     assert [(u.band, u.token) for u in uses] == [(0, "<dog>"), (1, "<cat>")]
-    assert any("not_a_concept.safetensors" in r.getMessage() for r in caplog.records)
-    assert choose_band("auto", 4, FP, tmp_path / "new.safetensors", folder, tmp_path / "cache") == 2
+    assert [r.getMessage().split(" for ")[0] for r in caplog.records] == ["ignoring not_a_concept.safetensors"]
+    assert choose_band("auto", 4, FP, tmp_path / "new.safetensors", folder) == 2
 
 
 def test_explicit_band_is_kept_but_an_overlap_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    cache = tmp_path / "cache"
-    register_band(FP, _use(tmp_path / "a.safetensors", 1, 4), cache)
+    _concept_file(tmp_path / "a.safetensors", 1, 4)
     with caplog.at_level(logging.WARNING):
-        assert choose_band(0, 8, FP, tmp_path / "new.safetensors", cache_dir=cache) == 0
+        assert choose_band(0, 8, FP, tmp_path / "new.safetensors") == 0
     assert "overlaps <a>" in caplog.text and "cannot be fused" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        assert choose_band(2, 4, FP, tmp_path / "new.safetensors", cache_dir=cache) == 2
+        assert choose_band(2, 4, FP, tmp_path / "new.safetensors") == 2
     assert caplog.text == ""
-
-
-def test_unreadable_registry_is_ignored_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    cache = tmp_path / "cache"
-    path = registry_path(FP, cache)
-    path.parent.mkdir(parents=True)
-    path.write_text("{ not json")
-    with caplog.at_level(logging.WARNING):
-        assert choose_band("auto", 4, FP, tmp_path / "n.safetensors", cache_dir=cache) == 0
-    assert "ignoring unreadable band registry" in caplog.text
-    register_band(FP, _use(tmp_path / "a.safetensors", 0, 4), cache)  # rewritten whole
-    assert json.loads(path.read_text())["concepts"][0]["token"] == "<a>"
-
-
-def test_default_registry_lives_beside_the_svd_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SPECTRAL_DIFFUSION_CACHE", str(tmp_path))
-    assert registry_path(FP) == tmp_path / "bands" / f"{FP}.json"
 
 
 def test_missing_concepts_dir_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SpectralDiffusionError, match="concepts folder .* does not exist"):
-        used_bands(FP, tmp_path / "nope", cache_dir=tmp_path)
+        used_bands(FP, tmp_path / "nope")
+
+
+def test_concepts_of_two_folders_share_a_band_and_fusing_them_is_refused(tmp_path: Path, tiny_pipe) -> None:
+    one, two = (random_concept(tiny_pipe, token=t, band=choose_band("auto", 4, FP, tmp_path / d / "c.safetensors"))
+                for t, d in (("<dog>", "one"), ("<cat>", "two")))
+    assert one.meta.band == two.meta.band == 0
+    with pytest.raises(SpectralDiffusionError, match=r"<dog> \(band 0, rank 4\) and <cat> \(band 0, rank 4\) "
+                                                     r"share singular-vector columns"):
+        fuse([one, two], tiny_pipe)
 
 
 def test_auto_with_every_band_taken_does_not_send_the_user_to_a_lower_band(tmp_path: Path, tiny_pipe,
@@ -117,7 +104,7 @@ def test_auto_with_every_band_taken_does_not_send_the_user_to_a_lower_band(tmp_p
     monkeypatch.setenv("SPECTRAL_DIFFUSION_CACHE", str(tmp_path / "cache"))
     fingerprint = base_fingerprint(tiny_pipe.unet, tiny_pipe.text_encoder)
     for band in range(8):  # every rank-4 band the tiny model's smallest targeted layer has
-        register_band(fingerprint, _use(tmp_path / f"c{band}.safetensors", band, 4))
+        _concept_file(tmp_path / f"c{band}.safetensors", band, 4, fingerprint=fingerprint)
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.new("RGB", (16, 16), "red").save(photos / "a.png")
@@ -128,5 +115,5 @@ def test_auto_with_every_band_taken_does_not_send_the_user_to_a_lower_band(tmp_p
     message = str(info.value)
     assert message.startswith("band 8 at rank 4 needs singular vectors up to column 36") and "lower band" not in message
     assert message.endswith("only bands 0 to 7 fit it at rank 4")
-    assert "--band auto: bands 0 to 7 at rank 4 are taken by <c0>, <c1>, <c2>, <c3>, <c4>, <c5>, <c6>, <c7>" \
-        in caplog.text
+    assert "--band auto: band 8, the lowest free at rank 4 among the 8 concept(s) of this base in " in caplog.text
+    assert "(taken by <c0>, <c1>, <c2>, <c3>, <c4>, <c5>, <c6>, <c7>)" in caplog.text

@@ -18,7 +18,7 @@ from spectral_diffusion.generation import make_scheduler
 from spectral_diffusion.regional import Region, regional_prompting
 from spectral_diffusion.testing.tiny_sd import random_concept
 
-PROMPT = "a photo of <dogA> and <catB> in the snow"
+PROMPT = "a photo of <doga> and <catb> in the snow"
 
 
 def _latents(pipe: StableDiffusionPipeline) -> torch.Tensor:
@@ -27,8 +27,8 @@ def _latents(pipe: StableDiffusionPipeline) -> torch.Tensor:
 
 @pytest.fixture
 def paths(tmp_path, tiny_pipe):
-    concepts = [random_concept(tiny_pipe, band=0, token="<dogA>", seed=1, targets="attn+ff"),
-                random_concept(tiny_pipe, variant="rotational", band=1, token="<catB>", seed=2)]
+    concepts = [random_concept(tiny_pipe, band=0, token="<doga>", seed=1, targets="attn+ff"),
+                random_concept(tiny_pipe, variant="rotational", band=1, token="<catb>", seed=2)]
     return [save_concept(tmp_path / f"c{i}.safetensors", c) for i, c in enumerate(concepts)]
 
 
@@ -51,7 +51,7 @@ def test_add_remove_and_clear_are_exact(tiny_pipe, paths) -> None:
     composer.set_concepts({paths[0]: 1.0, paths[1]: 1.0})
     both = _latents(tiny_pipe)
     composer.set_concepts({paths[1]: 1.0})
-    assert "<dogA>" not in tiny_pipe.tokenizer.get_vocab() and "<catB>" in tiny_pipe.tokenizer.get_vocab()
+    assert "<doga>" not in tiny_pipe.tokenizer.get_vocab() and "<catb>" in tiny_pipe.tokenizer.get_vocab()
     assert len(tiny_pipe.tokenizer) == vocab + 2
     weight = tiny_pipe.text_encoder.get_input_embeddings().weight
     assert weight.shape[0] == vocab + 2 and tiny_pipe.text_encoder.config.vocab_size == vocab + 2
@@ -70,7 +70,7 @@ def test_changed_file_is_reloaded(tiny_pipe, paths) -> None:
     composer = Composer(tiny_pipe)
     composer.set_concepts({paths[0]: 1.0})
     first = _latents(tiny_pipe)
-    save_concept(paths[0], random_concept(tiny_pipe, band=0, token="<dogA>", seed=7), overwrite=True)
+    save_concept(paths[0], random_concept(tiny_pipe, band=0, token="<doga>", seed=7), overwrite=True)
     os.utime(paths[0], ns=(1, 1))  # a distinct modification time even on coarse file systems
     composer.set_concepts({paths[0]: 1.0})
     assert not torch.allclose(_latents(tiny_pipe), first, atol=1e-3)
@@ -82,7 +82,7 @@ def test_refusals_leave_the_live_set_alone(tmp_path, tiny_pipe, paths) -> None:
     composer = Composer(tiny_pipe)
     composer.set_concepts({paths[0]: 1.0})
     before = _latents(tiny_pipe)
-    clash = save_concept(tmp_path / "clash.safetensors", random_concept(tiny_pipe, band=0, token="<owlC>", seed=3))
+    clash = save_concept(tmp_path / "clash.safetensors", random_concept(tiny_pipe, band=0, token="<owlc>", seed=3))
     with pytest.raises(SpectralDiffusionError, match="share singular-vector columns"):
         composer.set_concepts({paths[0]: 1.0, clash: 1.0})
     other = random_concept(tiny_pipe, band=2, token="<owlD>", seed=3)
@@ -105,7 +105,7 @@ def test_scope_applies_only_the_concepts_a_prompt_names(tiny_pipe, paths) -> Non
                          output_type="latent").images
 
     both = latents()
-    with composer.scope("a <catB> cat on the beach"):
+    with composer.scope("a <catb> cat on the beach"):
         scoped = latents()
     assert torch.equal(latents(), both)  # the weights come back after the block
     composer.set_concepts({paths[1]: 0.5})
@@ -120,7 +120,7 @@ def test_latent_regions_apply_each_live_concept_only_in_its_own_region(tiny_pipe
     composer = Composer(tiny_pipe)
     composer.set_concepts({paths[0]: 1.0, paths[1]: 1.0})
     noise = torch.randn(1, 4, 8, 16, generator=torch.Generator().manual_seed(3))
-    regions = [Region("a <dogA> dog", (0.0, 0.0, 0.5, 1.0)), Region("a <catB> cat", (0.5, 0.0, 1.0, 1.0))]
+    regions = [Region("a <doga> dog", (0.0, 0.0, 0.5, 1.0)), Region("a <catb> cat", (0.5, 0.0, 1.0, 1.0))]
 
     def run(prompt, latents, regions=(), scope=None) -> torch.Tensor:
         width = latents.shape[-1] * tiny_pipe.vae_scale_factor
@@ -130,10 +130,10 @@ def test_latent_regions_apply_each_live_concept_only_in_its_own_region(tiny_pipe
 
     wide = run("a dog and a cat", noise.clone(), regions, composer.scope)
     unscoped = run("a dog and a cat", noise.clone(), regions)
-    with composer.scope("a <dogA> dog"):
-        left = run("a <dogA> dog", noise[..., :8].clone())
-    with composer.scope("a <catB> cat"):
-        right = run("a <catB> cat", noise[..., 8:].clone())
+    with composer.scope("a <doga> dog"):
+        left = run("a <doga> dog", noise[..., :8].clone())
+    with composer.scope("a <catb> cat"):
+        right = run("a <catb> cat", noise[..., 8:].clone())
     assert torch.allclose(wide[..., :8], left, rtol=0, atol=1e-5)
     assert torch.allclose(wide[..., 8:], right, rtol=0, atol=1e-5)
     assert (unscoped[..., :8] - left).abs().max() > 1e-3

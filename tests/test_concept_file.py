@@ -24,12 +24,12 @@ from spectral_diffusion.testing.tiny_sd import random_concept
 
 @pytest.fixture
 def concept(tiny_pipe) -> Concept:
-    return random_concept(tiny_pipe, variant="additive", rank=4, band=2, token="<dogA>", n_vectors=3)
+    return random_concept(tiny_pipe, variant="additive", rank=4, band=2, token="<doga>", n_vectors=3)
 
 
 @pytest.mark.parametrize("variant", ["additive", "rotational", "lora", "ortho"])
 def test_round_trip_is_exact(tmp_path, tiny_pipe, variant):
-    concept = random_concept(tiny_pipe, variant=variant, targets="attn+ff", token="<catB>", seed=1)
+    concept = random_concept(tiny_pipe, variant=variant, targets="attn+ff", token="<catb>", seed=1)
     path = save_concept(tmp_path / "c.safetensors", concept)
     loaded = load_concept(path)
     assert loaded.meta == concept.meta
@@ -56,7 +56,7 @@ def test_file_layout(tmp_path, concept):
         header = json.loads(f.metadata()[METADATA_KEY])
     assert header["format_version"] == FORMAT_VERSION
     assert header["layers"] == sorted(concept.layers)
-    assert header["token_names"] == ["<dogA>", "<dogA>_1", "<dogA>_2"]
+    assert header["token_names"] == ["<doga>", "<doga>_1", "<doga>_2"]
     assert header["band"] == 2 and header["variant"] == "additive" and header["created"].endswith("+00:00")
 
 
@@ -74,7 +74,7 @@ def test_refuses_to_overwrite_unless_asked(tmp_path, tiny_pipe, concept):
     other = random_concept(tiny_pipe, token="<other>", seed=5)
     with pytest.raises(SpectralDiffusionError, match="already exists"):
         save_concept(path, other)
-    assert load_concept(path).meta.token == "<dogA>"
+    assert load_concept(path).meta.token == "<doga>"
     save_concept(path, other, overwrite=True)
     assert load_concept(path).meta.token == "<other>"
 

@@ -15,7 +15,7 @@ from spectral_diffusion.export import export_lora, lora_state_dict
 from spectral_diffusion.testing.tiny_sd import random_concept
 from spectral_diffusion.tokens import add_concept_tokens
 
-PROMPT = "a photo of <dogA> dog on the beach"
+PROMPT = "a photo of <doga> dog on the beach"  # a plain pipeline's prompt: the trigger as stored
 
 
 def _fresh(tiny_model_dir) -> StableDiffusionPipeline:
@@ -51,7 +51,8 @@ def test_diffusers_loaders_reproduce_the_concept(tmp_path, tiny_model_dir, fmt, 
     )
     theirs = _fresh(tiny_model_dir)
     theirs.load_textual_inversion(str(result.embedding))
-    prompt = PROMPT.replace("<dogA>", result.token)
+    assert result.token == "<doga>"
+    prompt = PROMPT
     embedding_only_states, embedding_only_noise = _outputs(theirs, prompt)
     theirs.load_lora_weights(str(result.lora))
     states, noise = _outputs(theirs, prompt)
@@ -90,9 +91,9 @@ def test_cli_writes_both_files_and_refuses_to_clobber(tmp_path, tiny_pipe, capsy
     out = tmp_path / "exported" / "dogA-lora.safetensors"
     argv = ["export-lora", str(concept_path), "--format", "kohya", "--out", str(out)]
     assert main(argv) == 0
-    assert "token <doga>" in capsys.readouterr().out
+    assert "(trigger word: <doga>)" in capsys.readouterr().out
     assert all(k.startswith("lora_") for k in load_file(out))
-    embedding = load_file(tmp_path / "exported" / "dogA-lora.ti.safetensors")
+    embedding = load_file(tmp_path / "exported" / "<doga>.safetensors")
     assert list(embedding) == ["<doga>"] and torch.equal(embedding["<doga>"], concept.token_embeddings)
     assert main(argv) == 2
     assert "already exists" in capsys.readouterr().err

@@ -41,8 +41,8 @@ def _weights(pipe) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def concepts(tiny_pipe):
-    return [random_concept(tiny_pipe, band=0, token="<dogA>", seed=1, targets="attn+ff+conv"),
-            random_concept(tiny_pipe, variant="rotational", band=1, token="<catB>", seed=2)]
+    return [random_concept(tiny_pipe, band=0, token="<doga>", seed=1, targets="attn+ff+conv"),
+            random_concept(tiny_pipe, variant="rotational", band=1, token="<catb>", seed=2)]
 
 
 # ---- tensor math -------------------------------------------------------------------------------------------
@@ -116,17 +116,17 @@ def test_spectral_fusion_is_the_exact_weighted_sum(tiny_pipe, concepts) -> None:
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    (lambda cs: setattr(cs[1].meta, "band", 0), r"<dogA> \(band 0, rank 4\) and <catB> \(band 0, rank 4\) share "
+    (lambda cs: setattr(cs[1].meta, "band", 0), r"<doga> \(band 0, rank 4\) and <catb> \(band 0, rank 4\) share "
                                                  r"singular-vector columns \[0, 4\)"),
     (lambda cs: setattr(cs[1].meta, "base_fingerprint", "0123456789abcdef"),
-     r"concept <catB> was trained on base model 0123456789abcdef, but the loaded base is [0-9a-f]{16}"),
-    (lambda cs: setattr(cs[1].meta, "token_names", ["<dogA>", "<dogA>_1"]), "both use the token '<dogA>'"),
+     r"concept <catb> was trained on base model 0123456789abcdef, but the loaded base is [0-9a-f]{16}"),
+    (lambda cs: setattr(cs[1].meta, "token_names", ["<doga>", "<doga>_1"]), "both use the token '<doga>'"),
     (lambda cs: setattr(cs[1].meta, "token", "dog"), "already in the tokenizer"),
     (lambda cs: setattr(cs[0].meta, "variant", "lora"), "spectral fusion needs additive or rotational"),
 ])
 def test_refusals_leave_the_pipeline_untouched(tiny_pipe, concepts, edit, message) -> None:
     if "lora" in message:
-        concepts[0] = random_concept(tiny_pipe, variant="lora", token="<dogA>")
+        concepts[0] = random_concept(tiny_pipe, variant="lora", token="<doga>")
     else:
         edit(concepts)
     before, vocab = _weights(tiny_pipe), len(tiny_pipe.tokenizer)
@@ -239,7 +239,7 @@ def _latents(pipe, prompt: str) -> torch.Tensor:
 
 def test_token_only_concepts_leave_a_fused_identity_exactly_as_alone(tiny_model_dir, tiny_pipe) -> None:
     """The plumbing control: concepts whose weight changes are zero (token rows only) change nothing for another."""
-    main_concept = random_concept(tiny_pipe, band=0, token="<dogA>", seed=1, targets="kv")
+    main_concept = random_concept(tiny_pipe, band=0, token="<doga>", seed=1, targets="kv")
     others = [random_concept(tiny_pipe, band=b, token=f"<other{b}>", seed=b, targets="attn+ff+conv") for b in (1, 2)]
     for concept in others:
         for state in concept.layers.values():
@@ -251,7 +251,7 @@ def test_token_only_concepts_leave_a_fused_identity_exactly_as_alone(tiny_model_
     alone.set_progress_bar_config(disable=True)
     fuse([main_concept], alone)
     fuse([main_concept, *others], tiny_pipe)
-    prompt = "a photo of <dogA> dog"
+    prompt = "a photo of <doga> dog"
     assert torch.allclose(_latents(tiny_pipe, prompt), _latents(alone, prompt), atol=1e-6)
 
 
@@ -277,19 +277,19 @@ def test_closed_form_beats_the_sum_on_its_own_objective(tiny_pipe) -> None:
 def test_closed_form_keeps_one_concept_exact_without_prior(tiny_pipe) -> None:
     """One concept's targets are consistent, so with no ordinary prompts the solve maps its prompts' encodings as
     its own model does (up to the ridge), though the fused weight differs from `W0 + dW` elsewhere."""
-    concept = random_concept(tiny_pipe, band=0, token="<dogA>", seed=4, targets="unet.*.attn2.to_[kv]")
+    concept = random_concept(tiny_pipe, band=0, token="<doga>", seed=4, targets="unet.*.attn2.to_[kv]")
     name = next(iter(concept.layers))
     w0 = _weights(tiny_pipe)[name]
     report = fuse([concept], tiny_pipe, "closed-form", prior_weight=0.0, ridge=1e-6)
     assert report.options == {"ridge": 1e-6, "prior_weight": 0.0, "prior_prompts": []} and "record" in report.timings
-    hidden = tiny_pipe.encode_prompt(["a photo of <dogA> dog"], "cpu", 1, False)[0][0]
+    hidden = tiny_pipe.encode_prompt(["a photo of <doga> dog"], "cpu", 1, False)[0][0]
     up, down = concept.delta_factors(name)
     own = hidden @ (w0 + up @ down).mT
     assert torch.allclose(hidden @ _weights(tiny_pipe)[name].mT, own, atol=1e-4 * own.abs().max().item())
 
 
 def test_closed_form_prior_prompts_keep_the_base_mapping(tiny_pipe) -> None:
-    concept = random_concept(tiny_pipe, band=0, token="<dogA>", seed=4, targets="unet.*.attn2.to_[kv]")
+    concept = random_concept(tiny_pipe, band=0, token="<doga>", seed=4, targets="unet.*.attn2.to_[kv]")
     name = next(iter(concept.layers))
     w0 = _weights(tiny_pipe)[name]
     ordinary = "a photo of a cat in the snow"
@@ -331,14 +331,14 @@ def test_diffusers_output_loads_with_tokens(tmp_path, tiny_pipe, concepts) -> No
     out = tmp_path / "fused"
     save_fused(tiny_pipe, report, out)
     loaded = StableDiffusionPipeline.from_pretrained(out)
-    assert loaded.tokenizer.tokenize("a <dogA> and <catB>") == tiny_pipe.tokenizer.tokenize("a <dogA> and <catB>")
+    assert loaded.tokenizer.tokenize("a <doga> and <catb>") == tiny_pipe.tokenizer.tokenize("a <doga> and <catb>")
     assert all(torch.equal(w, _weights(tiny_pipe)[n]) for n, w in _weights(loaded).items())
     assert torch.equal(loaded.text_encoder.get_input_embeddings().weight,
                        tiny_pipe.text_encoder.get_input_embeddings().weight)
     record = json.loads((out / "fusion.json").read_text())
     assert record["method"] == "spectral" and record["weights"] == [1.0, 0.5]
     assert [c["path"] for c in record["concepts"]] == [str(p) for p in paths]
-    assert record["concepts"][1]["band"] == 1 and record["concepts"][0]["token_names"] == ["<dogA>", "<dogA>_1"]
+    assert record["concepts"][1]["band"] == 1 and record["concepts"][0]["token_names"] == ["<doga>", "<doga>_1"]
     assert record["concepts"][0]["base_fingerprint"] == record["base_fingerprint"]
     with pytest.raises(SpectralDiffusionError, match="already exists"):
         save_fused(tiny_pipe, report, out)
@@ -363,7 +363,7 @@ def test_lora_output_is_the_exact_merged_delta(tmp_path, tiny_pipe, concepts) ->
         down, up = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
         delta = (up.flatten(1) @ down.flatten(1)).view_as(weight)
         assert torch.allclose(before[name] + delta, weight, atol=1e-6)
-    emb = load_file(tmp_path / "out" / "embeddings" / "catB.safetensors")
+    emb = load_file(tmp_path / "out" / "embeddings" / "<catb>.safetensors")
     assert torch.equal(emb["<catb>"], concepts[1].token_embeddings)
 
 
@@ -382,8 +382,8 @@ def test_single_file_output_loads(tmp_path, tiny_model_dir, tiny_pipe, concepts)
     assert all(torch.equal(w, fused[n]) for n, w in _weights(loaded).items())
     base_rows = tiny_pipe.text_encoder.get_input_embeddings().weight[: len(loaded.tokenizer)]
     assert torch.equal(loaded.text_encoder.get_input_embeddings().weight, base_rows)
-    assert sorted(p.name for p in (tmp_path / "sf" / "embeddings").iterdir()) == ["catB.safetensors",
-                                                                                  "dogA.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "sf" / "embeddings").iterdir()) == ["<catb>.safetensors",
+                                                                                  "<doga>.safetensors"]
 
 
 def test_cli_fuse(tmp_path, tiny_model_dir, tiny_pipe, concepts, capsys) -> None:
@@ -391,14 +391,14 @@ def test_cli_fuse(tmp_path, tiny_model_dir, tiny_pipe, concepts, capsys) -> None
     out = tmp_path / "fused"
     base = ["--base", str(tiny_model_dir), "--device", "cpu"]
     assert main(["fuse", *paths, "--out", str(out), "--weights", "1,0.25", *base]) == 0
-    assert "fused 2 concepts (<dogA> x1, <catB> x0.25) with spectral" in capsys.readouterr().out
+    assert "fused 2 concepts (<doga> x1, <catb> x0.25) with spectral" in capsys.readouterr().out
     assert json.loads((out / "fusion.json").read_text())["weights"] == [1.0, 0.25]
     assert main(["fuse", *paths, "--out", str(out), *base]) == 2
     assert "already exists (pass --overwrite" in capsys.readouterr().err
-    overlapping = random_concept(tiny_pipe, band=0, token="<owlC>", seed=4)
+    overlapping = random_concept(tiny_pipe, band=0, token="<owlc>", seed=4)
     paths.append(str(save_concept(tmp_path / "c2.safetensors", overlapping)))
     assert main(["fuse", *paths, "--out", str(tmp_path / "x"), *base]) == 2
-    assert "c0.safetensors (<dogA>) (band 0, rank 4) and c2.safetensors (<owlC>)" in capsys.readouterr().err
+    assert "c0.safetensors (<doga>) (band 0, rank 4) and c2.safetensors (<owlc>)" in capsys.readouterr().err
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert main(["fuse", *paths, "--out", str(tmp_path / "x"), "--allow-overlap", *base]) == 0

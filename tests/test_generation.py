@@ -117,7 +117,7 @@ def test_cli_generate_fused_and_live_give_the_same_image(tmp_path, tiny_model_di
         assert np.abs(_pixels(a) - _pixels(c)).max() > 1
         assert "Model: fused, Concepts: \"c0.safetensors: 1, c1.safetensors: 0.5\"" in a.text["parameters"]
         assert "Concepts: \"c0.safetensors: 1, c1.safetensors: 0.5\"" in b.text["parameters"]
-        assert 'Regions: "<dogA>:0,0,0.5,1 | <catB> in the snow:0.5,0,1,1", Region feather: "0.1, 0.1"' \
+        assert 'Regions: "<doga>:0,0,0.5,1 | <catb> in the snow:0.5,0,1,1", Region feather: "0.1, 0.1"' \
             in b.text["parameters"]
 
 

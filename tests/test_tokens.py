@@ -10,6 +10,7 @@ from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.tokens import (
     ConceptEmbeddings,
     add_concept_tokens,
+    canonical_prompt,
     expand_prompt,
     initial_embeddings,
     token_ids,
@@ -27,24 +28,27 @@ def test_added_tokens_expand_in_prompts_and_keep_old_rows(tiny_pipe: StableDiffu
     old = encoder.get_input_embeddings().weight.detach().clone()
     rows = torch.randn(3, old.shape[1], generator=torch.Generator().manual_seed(0))
     names = add_concept_tokens(tokenizer, encoder, "<dogA>", rows)
-    assert names == ["<dogA>", "<dogA>_1", "<dogA>_2"]
+    assert names == ["<doga>", "<doga>_1", "<doga>_2"]  # stored lower-case: the one trigger word
     weight = encoder.get_input_embeddings().weight
     assert weight.shape[0] == old.shape[0] + 3 == len(tokenizer)
     assert torch.equal(weight[: old.shape[0]], old)
     assert torch.equal(weight[token_ids(tokenizer, names)], rows)
-    # Mixed case survives tokenization, so diffusers' own expansion (used by every pipeline) finds all vectors.
-    assert tiny_pipe.maybe_convert_prompt("a photo of <dogA> dog", tokenizer) == "a photo of <dogA> <dogA>_1 <dogA>_2 dog"
-    ids = tokenizer(expand_prompt(tokenizer, "a <dogA>")).input_ids
-    assert ids[2:5] == token_ids(tokenizer, names)
+    # The stored spelling is what diffusers' own expansion (used by every pipeline) finds all vectors by ...
+    assert tiny_pipe.maybe_convert_prompt("a photo of <doga> dog", tokenizer) == "a photo of <doga> <doga>_1 <doga>_2 dog"
+    # ... and here any spelling is respelled first.
+    assert canonical_prompt(tokenizer, "a <DOGA> and <dogA>_1, dog") == "a <doga> and <doga>_1, dog"
+    for prompt in ("a <dogA>", "a <doga>", "a <DogA>"):
+        assert tokenizer(expand_prompt(tokenizer, prompt)).input_ids[2:5] == token_ids(tokenizer, names)
 
 
-@pytest.mark.parametrize("token", ["dog", "<dogA>", "<dogA>_1", "two words", "", "{class_word}", "<{token}>"])
+@pytest.mark.parametrize("token", ["dog", "<dogA>", "<dogA>_1", "<DOGA>", "two words", "", "{class_word}", "<{token}>",
+                                   "<a/b>"])
 def test_taken_or_malformed_tokens_are_refused(tiny_pipe: StableDiffusionPipeline, token: str) -> None:
     dim = tiny_pipe.text_encoder.get_input_embeddings().embedding_dim
     add_concept_tokens(tiny_pipe.tokenizer, tiny_pipe.text_encoder, "<dogA>", torch.zeros(2, dim))
     size = len(tiny_pipe.tokenizer)
-    message = ("already in the tokenizer's vocabulary" if token in ("dog", "<dogA>", "<dogA>_1")
-               else "must not contain braces" if "{" in token else "one word")
+    message = ("already in the tokenizer's vocabulary" if token in ("dog", "<dogA>", "<dogA>_1", "<DOGA>")
+               else "must not contain braces" if "{" in token else "slashes" if "/" in token else "one word")
     with pytest.raises(SpectralDiffusionError, match=message):
         add_concept_tokens(tiny_pipe.tokenizer, tiny_pipe.text_encoder, token, torch.zeros(1, dim))
     assert len(tiny_pipe.tokenizer) == size  # nothing half-added

@@ -83,7 +83,7 @@ def test_only_adapters_and_new_token_rows_change(tiny_pipe: StableDiffusionPipel
         current = after[key][:vocab] if key == emb_key else after[key]
         assert torch.equal(current, value), key
     assert torch.equal(after[emb_key][vocab:], concept.token_embeddings)
-    assert concept.meta.token_names == ["<dogA>", "<dogA>_1"] and concept.meta.band == 0
+    assert concept.meta.token_names == ["<doga>", "<doga>_1"] and concept.meta.band == 0
 
 
 def test_loss_falls_when_overfitting_one_batch(tiny_pipe: StableDiffusionPipeline, tmp_path: Path,
@@ -190,8 +190,7 @@ def test_auto_band_skips_concepts_of_the_same_base(photos: Path, tmp_path: Path,
     second_cfg.token = "<catB>"
     second = train(second_cfg)
     assert (load_concept(first).meta.band, load_concept(second).meta.band) == (0, 1)
-    registry = json.loads(next((cache_root / "bands").glob("*.json")).read_text())
-    assert [(c["band"], c["token"]) for c in registry["concepts"]] == [(0, "<dogA>"), (1, "<catB>")]
+    assert not (cache_root / "bands").exists()  # nothing machine-wide: the folder of --out decides
     first.unlink()  # a deleted concept frees its band
     third_cfg = _config(photos, tmp_path / "c.safetensors", tiny_model_dir, steps=1, rank=8)
     third_cfg.token = "<toyC>"
@@ -208,19 +207,19 @@ def test_cli_trains_and_writes_concept_sidecar_and_preview(photos: Path, tmp_pat
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert captured.out.strip() == str(out)
-    assert "training <dogA> in band 0" in captured.err and "training in fp32 on the CPU" in captured.err
+    assert "training <doga> in band 0" in captured.err and "training in fp32 on the CPU" in captured.err
     concept = load_concept(out)
     assert (concept.meta.variant, concept.meta.rank, concept.meta.class_word) == ("additive", 4, "dog")
     assert concept.meta.training["steps"] == 2 and concept.meta.training["images"] == ["cheetah1.jpg", "lion.jpg"]
     sidecar = json.loads(out.with_suffix(".json").read_text())
-    assert sidecar["trigger_words"] == ["<dogA>"] and sidecar["token_names"] == ["<dogA>", "<dogA>_1"]
+    assert sidecar["trigger_words"] == ["<doga>"] and sidecar["token_names"] == ["<doga>", "<doga>_1"]
     assert sidecar["base_model"] == str(tiny_model_dir.resolve()) and sidecar["band"] == 0
-    assert sidecar["example_prompt"] == "a photo of <dogA> dog" and sidecar["recommended_weight"] == 1.0
+    assert sidecar["example_prompt"] == "a photo of <doga> dog" and sidecar["recommended_weight"] == 1.0
     preview = Image.open(out.parent / sidecar["preview"])
     assert preview.size == (2 * 16, 16)  # one prompt x 2 images at the tiny model's native 16 px
     samples = sorted(p.name for p in (out.parent / "dogA_samples").iterdir())
     assert samples == ["step-000001-0.png", "step-000002-0.png"]
-    assert "a photo of <dogA> on the beach" in Image.open(out.parent / "dogA_samples" / samples[0]).text["parameters"]
+    assert "a photo of <doga> on the beach" in Image.open(out.parent / "dogA_samples" / samples[0]).text["parameters"]
 
     assert main(argv) == 2  # the same command again: --out exists
     assert "already exists; pass --overwrite" in capsys.readouterr().err

@@ -57,6 +57,9 @@ class _MessageFormat(logging.Formatter):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from spectral_diffusion.progress import silence_library_progress
+
+    silence_library_progress()  # loading bars are noise in a terminal and escape codes in a log
     logger = logging.getLogger("spectral_diffusion")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_MessageFormat())

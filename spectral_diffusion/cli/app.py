@@ -37,5 +37,10 @@ def run(args: argparse.Namespace) -> int:
 
     base = BaseModel.from_args(args)
     backend = Backend(base.load(), base=base, concepts_dir=args.concepts_dir, output_dir=args.output_dir)
-    launch(backend, host=args.host, port=args.port, share=args.share)
+    # Gradio's own start-up lines tell the user to "set share=True in launch()": quiet, and say it in CLI terms.
+    demo = launch(backend, host=args.host, port=args.port, share=args.share, prevent_thread_lock=True, quiet=True)
+    print(f"* Running on local URL: {demo.local_url}")
+    if not args.share:
+        print("* To create a public link, add --share")
+    demo.block_thread()
     return 0

@@ -7,6 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from spectral_diffusion.concept_file import read_meta
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.export import FORMATS as LORA_FORMATS
 from spectral_diffusion.fusion import METHODS, OUTPUT_FORMATS, check_output, fuse, save_fused
@@ -80,6 +81,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_output(out, args.overwrite)
+    for concept in args.concepts:  # a missing or foreign file is said before the (slow) base model loads
+        read_meta(concept)
     if args.record_steps < 1:
         raise SpectralDiffusionError(f"--record-steps must be >= 1, got {args.record_steps}")
     prior_prompts = _read_prompts(args.prior_prompts) if args.prior_prompts else []
@@ -95,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     print(report.summary())
     for path in paths:
         print(f"wrote {path}")
+    print(f"trigger words: {', '.join(c.token for c in report.concepts)}")
     if args.format != "diffusers":
         print(f"note: the concept tokens are not inside {paths[0].name}: load the embeddings in {out / 'embeddings'} "
               "as textual inversions (A1111: copy them into its embeddings folder; the trigger word is the file name)")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from spectral_diffusion.cli.fuse import parse_weights
 from spectral_diffusion.compose import Composer, check_weight
+from spectral_diffusion.concept_file import read_meta
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.fusion import read_fusion_json
 from spectral_diffusion.generation import (
@@ -22,6 +23,7 @@ from spectral_diffusion.generation import (
     save_images,
 )
 from spectral_diffusion.models import add_base_arguments, load_base_from_args
+from spectral_diffusion.progress import is_terminal
 from spectral_diffusion.regional import REGION_MODES, parse_region
 
 EPILOG = """\
@@ -57,7 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default: 0)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
     p.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale (default: 7)")
-    p.add_argument("--scheduler", choices=list(SCHEDULERS), default="dpm++", help="sampler (default: dpm++)")
+    p.add_argument("--sampler", "--scheduler", dest="sampler", choices=list(SCHEDULERS), default="dpm++",
+                   help="sampler (a diffusers scheduler), written as A1111's Sampler in the PNG metadata: "
+                        + ", ".join(f"{k} = {v[2]}" for k, v in SCHEDULERS.items())
+                        + "; --scheduler is the older spelling (default: dpm++)")
     p.add_argument("--size", type=_size, default=None, metavar="WxH",
                    help="image size (default: the model's native size)")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
@@ -103,8 +108,10 @@ def run(args: argparse.Namespace) -> int:
     regions = tuple(parse_region(spec, negative=neg or None, feather=args.feather)
                     for spec, neg in zip(args.region, negatives, strict=True))
     settings = GenerationSettings(prompt=args.prompt, negative=args.negative, steps=args.steps,
-                                  guidance=args.guidance, scheduler=args.scheduler, seed=resolve_seed(args.seed),
+                                  guidance=args.guidance, scheduler=args.sampler, seed=resolve_seed(args.seed),
                                   size=args.size, n=args.n, regions=regions, region_mode=args.region_mode)
+    for concept in args.concepts:  # a missing or foreign file is said before the (slow) base model loads
+        read_meta(concept)
     if args.model:
         args.base = args.model
     pipe = load_base_from_args(args)
@@ -120,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         concepts = {Path(c).name: w for c, w in zip(args.concepts, weights, strict=True)}
         scope = composer.scope
     model = Path(args.model).name if args.model else args.base
+    pipe.set_progress_bar_config(disable=not is_terminal(), desc=f"sampling {settings.n} image(s)", leave=False)
     images = generate(pipe, settings, model=model, concepts=concepts, scope=scope, max_pixels=args.max_pixels)
     for path in save_images(images, args.out):
         print(f"wrote {path}")

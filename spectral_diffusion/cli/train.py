@@ -9,8 +9,9 @@ from spectral_diffusion.models import add_base_arguments
 EPILOG = """\
 The folder holds jpg/jpeg/png/webp/bmp photos, optional same-name .txt captions using {token} and {class_word}
 (default caption: "a photo of {token} {class_word}"), and optional masks (<name>_mask.png or masks/<name>.png,
-white = subject) that weight the loss. Writes CONCEPT.safetensors, a sidecar CONCEPT.json for listings, and
-CONCEPT.preview.png. Checkpoints go to CONCEPT.safetensors.ckpt/ (removed when training completes); Ctrl-C writes
+white = subject) that weight the loss. Writes CONCEPT.safetensors, a sidecar CONCEPT.json for listings,
+CONCEPT.preview.png and the loss log CONCEPT.loss.csv (step,loss,lr,seconds). The token is the trigger word, stored
+lower-case. Progress is a bar on a terminal and ~10 plain lines in a log. Checkpoints go to CONCEPT.safetensors.ckpt/ (removed when training completes); Ctrl-C writes
 one, and the same command with --resume continues exactly where it stopped. Multi-GPU: accelerate launch -m
 spectral_diffusion train ... See docs/training.md.
 """
@@ -32,8 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--variant", default="additive",
                    help="additive | rotational (Spectral Adapter bands) | lora | ortho (baselines) (default: additive)")
     a.add_argument("--band", default="auto", type=_band,
-                   help="SVD band N (singular vectors N*rank..(N+1)*rank-1), or auto: the lowest band no known "
-                        "concept of this base model uses (default: auto)")
+                   help="SVD band N (singular vectors N*rank..(N+1)*rank-1), or auto: the lowest band that no concept "
+                        "of this base model in --concepts-dir uses (default: auto)")
     a.add_argument("--rank", type=int, default=8, help="singular vectors per band / LoRA rank (default: 8)")
     a.add_argument("--targets", default="attn",
                    help="kv (cross-attention keys/values + text-encoder attention: the text pathway only) | attn | "
@@ -101,8 +102,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--preview-images", type=int, default=4,
                    help="images per prompt in the final preview grid; 0: no preview (default: 4)")
     b.add_argument("--concepts-dir", default=None, metavar="DIR",
-                   help="folder of concept files whose bands --band auto must avoid, besides those trained here "
-                        "(default: none)")
+                   help="folder of the concepts this one will be fused with: --band auto avoids their bands "
+                        "(default: the folder of --out)")
     p.set_defaults(func=run)
 
 

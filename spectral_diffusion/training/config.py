@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from spectral_diffusion.adapters import AdapterConfig
 from spectral_diffusion.atomic import check_writable
+from spectral_diffusion.concept_file import canonical_token
 from spectral_diffusion.errors import SpectralDiffusionError, check_number
 from spectral_diffusion.models import DTYPES
+from spectral_diffusion.training.checkpoint import checkpoint_dir
 
+log = logging.getLogger(__name__)
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 # (UNet, text encoder) learning rates when not given. Mix-of-Show's 1e-4 / 1e-5 for the LoRA-style baselines; the
 # spectral variants move unit-norm singular vectors (and rotation angles), whose useful steps are larger: 10x,
@@ -27,6 +31,12 @@ def preview_path(out: str | Path) -> Path:
     """`dogA.safetensors` -> `dogA.preview.png`."""
     out = Path(out)
     return out.with_name(out.stem + ".preview.png")
+
+
+def loss_log_path(out: str | Path) -> Path:
+    """`dogA.safetensors` -> `dogA.loss.csv`: step, loss, learning rate and seconds per step, one row per step."""
+    out = Path(out)
+    return out.with_name(out.stem + ".loss.csv")
 
 
 @dataclass
@@ -86,13 +96,20 @@ class TrainConfig:
     overwrite: bool = False
 
     def check(self) -> None:
-        """Refuse bad settings before anything slow happens (including an existing `out` without `overwrite`)."""
+        """Refuse bad settings before anything slow happens (including an existing `out` without `overwrite`), and
+        spell the token as it is stored (lower case: the trigger word that works here, in diffusers and in A1111)."""
+        if self.token != canonical_token(self.token):
+            log.info("trigger word %s: concept tokens are stored lower-case (prompts may spell them either way)",
+                     canonical_token(self.token))
+            self.token = canonical_token(self.token)
         out = Path(self.out)
         if out.suffix != ".safetensors":
             raise SpectralDiffusionError(f"--out {out} must end in .safetensors")
         if out.exists() and not self.overwrite:
             raise SpectralDiffusionError(f"{out} already exists; pass --overwrite to replace it")
-        for beside in (sidecar_path(out), preview_path(out)):
+        # An interrupted run's loss log is part of its checkpoints, which the trainer asks to resume or overwrite.
+        interrupted = checkpoint_dir(out).exists()
+        for beside in (sidecar_path(out), preview_path(out), *([] if interrupted else [loss_log_path(out)])):
             if beside.exists() and not self.overwrite and not self.resume:
                 raise SpectralDiffusionError(
                     f"{beside} already exists (the trainer writes it beside {out.name}); pass --overwrite to replace it")

@@ -15,12 +15,13 @@ import logging
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -34,18 +35,18 @@ from diffusers.utils import make_image_grid
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors import SafetensorError
 from torch import nn
-from tqdm.auto import tqdm
 
 from spectral_diffusion.adapters import adapter_state, conv_kernels, inject_adapters, trainable_parameters
 from spectral_diffusion.adapters.inject import adapter_disabled
 from spectral_diffusion.adapters.targets import is_text_fed
 from spectral_diffusion.atomic import atomic_write
-from spectral_diffusion.band_registry import BandUse, choose_band, register_band
+from spectral_diffusion.band_registry import choose_band
 from spectral_diffusion.concept_file import Concept, ConceptMeta, save_concept
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.fingerprint import base_fingerprint
 from spectral_diffusion.generation import GenerationSettings, generate, native_size, save_png
 from spectral_diffusion.models import DTYPES, load_base
+from spectral_diffusion.progress import StepProgress
 from spectral_diffusion.tokens import (
     ConceptEmbeddings,
     add_concept_tokens,
@@ -62,7 +63,7 @@ from spectral_diffusion.training.checkpoint import (
     save_checkpoint,
     set_rng_states,
 )
-from spectral_diffusion.training.config import TrainConfig, preview_path, sidecar_path
+from spectral_diffusion.training.config import TrainConfig, loss_log_path, preview_path, sidecar_path
 from spectral_diffusion.training.data import (
     CONCEPT_TEMPLATE,
     PRIOR_TEMPLATE,
@@ -447,17 +448,21 @@ class Trainer:
         """Train to `config.steps`, checkpointing on schedule and on Ctrl-C; write the concept; return its path."""
         config = self.config
         step = self.start_step
-        bar = tqdm(total=config.steps, initial=step, desc=f"training {config.token}", unit="step",
-                   disable=not self.accelerator.is_local_main_process)
+        bar = StepProgress(config.steps, initial=step, desc=f"training {config.token}",
+                           enabled=self.accelerator.is_local_main_process)
+        loss_log = self._open_loss_log()
         self.model.train()
         try:
             with deferred_interrupt() as interrupted:
                 while step < config.steps:
+                    started = time.perf_counter()
                     loss = self._train_step(step)
                     step += 1
                     lr = self.lr_scheduler.get_last_lr()[0]
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                    bar.update(loss=loss, lr=lr)
+                    if loss_log is not None:
+                        loss_log.write(f"{step},{loss:.6g},{lr:.6g},{time.perf_counter() - started:.4f}\n")
+                        loss_log.flush()
                     if self.on_step is not None:
                         self.on_step(StepInfo(step, config.steps, loss, lr))
                     if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
@@ -468,13 +473,33 @@ class Trainer:
                         raise KeyboardInterrupt
         except BaseException:  # Ctrl-C, out of memory, a failing callback...: keep the steps done so far
             bar.close()
+            if loss_log is not None:
+                loss_log.close()
             if step > self.start_step:
                 self._save_checkpoint(step)
                 log.warning("stopped at step %d: checkpoint written to %s; the same command with --resume "
                             "continues from there", step, self.ckpt_dir)
             raise
         bar.close()
+        if loss_log is not None:
+            loss_log.close()
         return self._finish()
+
+    def _open_loss_log(self) -> TextIO | None:
+        """`<stem>.loss.csv` (step, loss, lr, seconds), for plotting; a resumed run keeps the rows of the steps
+        it resumes from and continues them. Main process only."""
+        if not self.accelerator.is_main_process:
+            return None
+        path = loss_log_path(self.out)
+        header = "step,loss,lr,seconds\n"
+        rows = []
+        if self.start_step and path.is_file():
+            rows = [r for r in path.read_text(encoding="utf-8").splitlines()[1:]
+                    if r.split(",")[0].isdigit() and int(r.split(",")[0]) <= self.start_step]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = path.open("w", encoding="utf-8")
+        log_file.write(header + "".join(r + "\n" for r in rows))
+        return log_file
 
     # ---- samples and output --------------------------------------------------------------------------------
 
@@ -515,9 +540,7 @@ class Trainer:
         except (OSError, SafetensorError) as exc:
             raise self._write_failed(exc) from None
         shutil.rmtree(self.ckpt_dir, ignore_errors=True)
-        if self.spectral:
-            register_band(self.fingerprint, BandUse(self.band, config.rank, config.token, str(self.out)))
-        log.info("wrote %s", self.out)
+        log.info("wrote %s (trigger word: %s)", self.out, config.token)
         try:
             self._write_sidecar(None)  # listable at once, even if the (slow) preview is interrupted
             preview = self._preview()

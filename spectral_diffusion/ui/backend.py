@@ -21,6 +21,7 @@ from pathlib import Path
 from diffusers import StableDiffusionPipeline
 
 from spectral_diffusion.compose import Composer, check_weight
+from spectral_diffusion.concept_file import canonical_token
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.export import Exported, export_lora, textual_inversion_path
 from spectral_diffusion.fusion import FusionReport, fuse, save_fused
@@ -167,7 +168,7 @@ class Backend:
         out = child_path(self.concepts_dir, name, ".safetensors", what="concept name")
         if out.exists():
             raise SpectralDiffusionError(f"a concept named {name!r} already exists; choose another name")
-        taken = next((c.name for c in self.concepts() if c.token == token.strip()), None)
+        taken = next((c.name for c in self.concepts() if c.token == canonical_token(token.strip())), None)
         if taken is not None:
             raise SpectralDiffusionError(f"token {token.strip()!r} is already used by concept {taken!r}")
         with self._job_lock:
@@ -232,7 +233,7 @@ class Backend:
         folder = self.output_dir / "loras"
         folder.mkdir(exist_ok=True)
         out = _unused(child_path(folder, out_name.strip() or f"{name}_{fmt}", ".safetensors", what="output name"))
-        _unused(textual_inversion_path(out))
+        _unused(textual_inversion_path(out, concept.token))
         return export_lora(concept.path, out, fmt)
 
 

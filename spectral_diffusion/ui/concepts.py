@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from spectral_diffusion.concept_file import read_meta
+from spectral_diffusion.concept_file import canonical_token, read_meta
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.training.config import sidecar_path
 
@@ -56,7 +56,7 @@ def read_concept_info(path: str | Path) -> ConceptInfo:
         name=path.stem,
         path=path,
         token=meta.token,
-        triggers=tuple(str(t) for t in triggers),
+        triggers=tuple(canonical_token(str(t)) for t in triggers),
         class_word=meta.class_word,
         variant=meta.variant,
         rank=meta.rank,
