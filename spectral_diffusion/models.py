@@ -13,6 +13,7 @@ import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -20,11 +21,26 @@ from diffusers import StableDiffusionPipeline
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.single_file import check_sd1_single_file
 
-SD15_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "sd15"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+SD15_CONFIG_DIR = _PACKAGE_DIR / "configs" / "sd15"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _NO_SAFETY = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+class BuiltinBase(NamedTuple):
+    """A base model shipped in the package as a diffusers folder, loadable by its short name."""
+
+    folder: Path
+    missing_hint: str  # what to do when the folder has not been built
+
+
+# Built-in bases by `--base` name. Only their folders are named here: loading one needs no code of what built it,
+# so the product never imports the toy world.
+BUILTIN_BASES: dict[str, BuiltinBase] = {
+    "toy": BuiltinBase(_PACKAGE_DIR / "toyworld" / "model", "run `spectral-diffusion toyworld pretrain`"),
+}
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -68,15 +84,14 @@ def load_base(
 def _load(
     spec: str, dtype: torch.dtype, allow_pickle: bool, config: str | Path | None
 ) -> StableDiffusionPipeline:
-    if spec == "toy":
-        from spectral_diffusion.toyworld.model import MODEL_DIR
-
-        if not (MODEL_DIR / "model_index.json").is_file():
+    builtin = BUILTIN_BASES.get(spec)
+    if builtin is not None:
+        if not (builtin.folder / "model_index.json").is_file():
             raise SpectralDiffusionError(
-                f"the bundled toy model is missing ({MODEL_DIR}): run `spectral-diffusion toyworld pretrain` "
+                f"the bundled {spec} model is missing ({builtin.folder}): {builtin.missing_hint} "
                 "or pass --base with another model"
             )
-        return _load_folder(MODEL_DIR, dtype, allow_pickle)
+        return _load_folder(builtin.folder, dtype, allow_pickle)
     path = Path(spec).expanduser()
     if path.is_dir():
         return _load_folder(path, dtype, allow_pickle)

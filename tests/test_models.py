@@ -17,6 +17,7 @@ from diffusers.loaders.single_file_utils import (
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTokenizer
 
+from spectral_diffusion import models
 from spectral_diffusion.adapters.targets import find_targets
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.models import SD15_CONFIG_DIR, add_base_arguments, load_base, load_base_from_args
@@ -137,6 +138,18 @@ def test_refusals_are_one_clear_line(tmp_path, tiny_model_dir, tiny_single_file,
     with pytest.raises(SpectralDiffusionError, match=message) as info:
         load_base(spec)
     assert "\n" not in str(info.value)
+
+
+def test_builtin_toy_base_is_the_toy_worlds_model_folder(tmp_path, monkeypatch, tiny_model_dir):
+    """`models` names the toy model's folder as data (no toy-world import); it must be where the toy world keeps it."""
+    from spectral_diffusion.toyworld.model import MODEL_DIR
+
+    assert models.BUILTIN_BASES["toy"].folder == MODEL_DIR
+    monkeypatch.setitem(models.BUILTIN_BASES, "toy", models.BuiltinBase(tmp_path / "none", "build it"))
+    with pytest.raises(SpectralDiffusionError, match=r"bundled toy model is missing .*: build it or pass --base"):
+        load_base("toy")
+    monkeypatch.setitem(models.BUILTIN_BASES, "toy", models.BuiltinBase(tiny_model_dir, "build it"))
+    assert_same_weights(load_base("toy"), load_base(str(tiny_model_dir)))
 
 
 def test_unavailable_device_is_refused(tiny_model_dir):
