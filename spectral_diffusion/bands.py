@@ -1,9 +1,11 @@
-"""Band math of the Spectral Adapter: weight views, sign-fixed thin SVD, band slicing, Cayley rotations.
+"""Band math of the Spectral Adapter: weight views and digests, sign-fixed thin SVD, band slicing, Cayley rotations.
 
 Band ``i`` of rank ``r`` is the singular-vector columns ``[i*r, (i+1)*r)`` (DESIGN.md §2).
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 from torch import nn
@@ -36,6 +38,17 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
         )
     weight = module.weight
     return weight if weight.dim() == 2 else weight.view(weight.shape[0], -1)
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 (hex) of a tensor's shape and fp16-cast bytes: the SVD cache key of a weight.
+
+    Casting to fp16 first makes the same model loaded in fp32 or fp16 hash alike.
+    """
+    data = tensor.detach().to(device="cpu", dtype=torch.float16).contiguous()
+    digest = hashlib.sha256(repr(tuple(data.shape)).encode())
+    digest.update(data.view(torch.uint8).numpy().data)
+    return digest.hexdigest()
 
 
 def band_columns(band: int, rank: int) -> slice:

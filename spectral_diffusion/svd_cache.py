@@ -23,8 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from spectral_diffusion.bands import oriented_svd, randomized_svd, svd_residual, weight_matrix
-from spectral_diffusion.fingerprint import tensor_digest
+from spectral_diffusion.bands import oriented_svd, randomized_svd, svd_residual, tensor_digest, weight_matrix
 
 SVD = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # Entries keep at least this many columns (when the layer has them), so that later concepts in higher

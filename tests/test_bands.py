@@ -1,4 +1,4 @@
-"""Band math: weight views, the sign-fixed SVD, band bounds, Cayley rotations."""
+"""Band math: weight views and digests, the sign-fixed SVD, band bounds, Cayley rotations."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from spectral_diffusion.bands import (
     randomized_svd,
     skew_from_params,
     svd_residual,
+    tensor_digest,
     weight_matrix,
 )
 from spectral_diffusion.errors import SpectralDiffusionError
@@ -163,3 +164,11 @@ def test_cayley_orthogonal_and_identity_at_zero() -> None:
     q = cayley(skew_from_params(params, r))
     torch.testing.assert_close(q.T @ q, torch.eye(r, dtype=torch.float64), atol=1e-12, rtol=0)
     assert torch.linalg.det(q) > 0  # a rotation: the Cayley map never reaches reflections
+
+
+def test_tensor_digest_is_dtype_blind_and_shape_aware() -> None:
+    t = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    assert tensor_digest(t) == tensor_digest(t.half()) == tensor_digest(t.T.contiguous().T)
+    assert tensor_digest(t) != tensor_digest(t.reshape(4, 6))
+    assert tensor_digest(t) != tensor_digest(t + 1e-2)
+    assert len(tensor_digest(t)) == 64
