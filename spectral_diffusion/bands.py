@@ -1,6 +1,7 @@
 """Band math of the Spectral Adapter: weight views and digests, sign-fixed thin SVD, band slicing, Cayley rotations.
 
-Band ``i`` of rank ``r`` is the singular-vector columns ``[i*r, (i+1)*r)`` (DESIGN.md §2).
+Band ``i`` of rank ``r`` is the singular-vector columns ``[i*r, (i+1)*r)`` of the thin SVD ``W = U diag(s) V^T``
+(the method is summarised in docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -120,11 +120,6 @@ class GradientStats:
             self.cross += up @ projected
             self.const += float(((projected @ down.mT) * (up.mT @ up)).sum())
 
-    def objective(self, delta: torch.Tensor) -> float:
-        """The summed squared output error of weight `W0 + delta` over every concept's recorded inputs."""
-        d, s, a = delta.double(), self.gram.double(), self.cross.double()
-        return float(((d @ s) * d).sum() - 2 * (d * a).sum()) + self.const
-
     def solve(self, ridge: float) -> torch.Tensor:
         """The minimising `D = A (S + lambda I)^-1` (fp32), `lambda = ridge * tr(S) / in`; zero if no input."""
         s = self.gram.double()

@@ -157,7 +157,7 @@ def test_delta_rank_bound(variant: str, max_rank: int) -> None:
 def band_replaced(
     variant: str, t: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The band's new (U', s', V'), written straight from DESIGN.md §2 (independent of ``factors``)."""
+    """The band's new (U', s', V'), written straight from the method (docs/architecture.md), not from ``factors``."""
     if variant == "additive":
         return t["U"] + t["A"], t["S"] + t["c"], t["V"] + t["B"]
     r = t["S"].shape[0]
@@ -456,11 +456,10 @@ def test_find_targets_presets_and_patterns(cache: SVDCache) -> None:
         find_targets(None, None, "attn")
 
 
-def test_config_validation_and_round_trip() -> None:
+def test_config_validation() -> None:
     config = AdapterConfig(
         variant="rotational", rank=4, band=2, targets="attn+ff", train_singular_values=False, seed=3
     )
-    assert AdapterConfig.from_dict(config.to_dict()) == config
     assert config.spectral and not AdapterConfig(variant="lora").spectral
     for bad, message in [
         ({"variant": "dora"}, "unknown adapter variant 'dora'"),
@@ -470,8 +469,6 @@ def test_config_validation_and_round_trip() -> None:
     ]:
         with pytest.raises(SpectralDiffusionError, match=message):
             AdapterConfig(**bad)
-    with pytest.raises(SpectralDiffusionError, match="unknown adapter config keys: alpha"):
-        AdapterConfig.from_dict({"alpha": 4})
 
 
 def test_base_fingerprint(cache: SVDCache) -> None:

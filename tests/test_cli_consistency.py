@@ -1,5 +1,5 @@
-"""One name per option across commands (old spellings kept), mistakes said before the base loads, the app's own
-share hint, and the dependencies' implementations where they give the project's result."""
+"""One name per command module and per option across commands (old spellings kept), mistakes said before the base
+loads, the app's own share hint, and the dependencies' implementations where they give the project's result."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from peft.utils.merge_utils import ties
 from PIL import Image
 from safetensors.torch import load_file
 
+from spectral_diffusion.cli import COMMANDS, build_parser, main
 from spectral_diffusion.cli import app as app_cli
-from spectral_diffusion.cli import build_parser, main
 from spectral_diffusion.concept_file import save_concept
 from spectral_diffusion.export import lora_state_dict
 from spectral_diffusion.fusion import ties_merge
@@ -30,6 +30,11 @@ def test_lora_format_has_one_name_in_fuse_and_export(tmp_path: Path, tiny_pipe) 
         assert all(k.startswith("lora_") for k in load_file(out))
     parser = build_parser()
     assert parser.parse_args(["fuse", "c", "--out", "o", "--lora-format", "kohya"]).lora_format == "kohya"
+
+
+def test_each_command_module_is_named_after_its_sub_command() -> None:
+    choices = build_parser()._subparsers._group_actions[0].choices
+    assert list(choices) == [name.replace("_", "-") for name in COMMANDS]
 
 
 def test_sampler_is_named_as_in_the_png_metadata(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:

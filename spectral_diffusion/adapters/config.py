@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 from spectral_diffusion.errors import SpectralDiffusionError
 
@@ -45,15 +44,3 @@ class AdapterConfig:
     def spectral(self) -> bool:
         """True for the variants that live in an SVD band."""
         return self.variant in SPECTRAL_VARIANTS
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
-        """Build from a dict, refusing unknown keys (a typo would otherwise be silently ignored)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SpectralDiffusionError(f"unknown adapter config keys: {', '.join(unknown)}")
-        return cls(**data)

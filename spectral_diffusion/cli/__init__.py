@@ -17,8 +17,8 @@ from safetensors import SafetensorError
 
 from spectral_diffusion.errors import SpectralDiffusionError
 
-# Sub-command modules, in the order `--help` lists them.
-COMMANDS = ("train", "fuse", "generate", "export", "app", "demo", "toyworld")
+# Sub-command modules, in the order `--help` lists them; each is named after its sub-command (`-` as `_`).
+COMMANDS = ("train", "fuse", "generate", "export_lora", "app", "demo", "toyworld")
 
 
 def build_parser() -> argparse.ArgumentParser:
