@@ -240,6 +240,9 @@ def test_judge_reads_clean_renders(judge):
     assert judge.background_match(fish, "dotted") > 0.8
     with pytest.raises(SpectralDiffusionError, match="unknown concept 'dog'"):
         judge.identity_score(fish, "dog")
+    # ordinary patterned things of the base world are not concepts
+    patterned = [render.render_scene(render.sample_patterned_spec(rng, concepts.is_lookalike)) for _ in range(48)]
+    assert (judge.predict(patterned)["concept"].argmax(1) == 0).float().mean() >= 0.9
 
 
 def test_evaluate_base_scores_generated_images(judge, tmp_path):
