@@ -50,7 +50,8 @@ from spectral_diffusion.toyworld import model as toy_model
 
 @dataclass
 class PretrainConfig:
-    """Defaults are the 2-CPU-core recipe (57 min in all, docs/toyworld.md); `out` holds checkpoints, latents, log."""
+    """Defaults are the 2-CPU-core recipe (an hour from scratch, docs/toyworld.md); `out` holds checkpoints, latents
+    and the log."""
 
     out: Path
     model_dir: Path = toy_model.MODEL_DIR
