@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("svd_cache", "models"),
     ("adapters",),
     ("fingerprint", "concept_file", "tokens", "export", "band_registry"),
-    ("fusion", "compose", "generation"),
+    ("fusion", "compose", "loras", "generation"),
     ("training",),
     ("testing",),
     ("ui",),

@@ -1,0 +1,74 @@
+"""Fusing many concept files into one pipeline's weights: the exact spectral sum, and honest baselines.
+
+`spectral` (default) adds `sum_i w_i dW_i` for Spectral Adapter concepts in disjoint SVD bands; the factors come from
+each concept file (`Concept.delta_factors`), never from a recomputed SVD. Disjoint bands are what keeps one concept
+from overwriting another, so overlapping bands, another base model and duplicate tokens are refused.
+
+Modules: `methods` (the merge math and the statistics gradient / closed-form fusion solve), `fusing` (the
+concept-set checks, `fuse`, `FusionReport`), `writers` (`save_fused`: diffusers, single-file or LoRA output, and
+`fusion.json`). Import from the package: `from spectral_diffusion.fusion import fuse, save_fused`.
+"""
+
+from spectral_diffusion.fusion.fusing import (
+    FUSION_FORMAT_VERSION,
+    FusedConcept,
+    FusionReport,
+    add_tokens,
+    check_concepts,
+    fuse,
+    load_concepts,
+)
+from spectral_diffusion.fusion.methods import (
+    LOW_RANK_METHODS,
+    METHODS,
+    ORDINARY_TEMPLATES,
+    RECORD_TEMPLATES,
+    GradientStats,
+    _GramRecorder,
+    concat_factors,
+    concept_prompts,
+    dare_merge,
+    merged_delta,
+    ordinary_prompts,
+    record_gradient_stats,
+    record_prompts,
+    record_text_stats,
+    ties_merge,
+)
+from spectral_diffusion.fusion.writers import (
+    FUSION_JSON,
+    OUTPUT_FORMATS,
+    check_output,
+    read_fusion_json,
+    save_fused,
+)
+
+__all__ = [
+    "FUSION_FORMAT_VERSION",
+    "FUSION_JSON",
+    "LOW_RANK_METHODS",
+    "METHODS",
+    "ORDINARY_TEMPLATES",
+    "OUTPUT_FORMATS",
+    "RECORD_TEMPLATES",
+    "FusedConcept",
+    "FusionReport",
+    "GradientStats",
+    "_GramRecorder",
+    "add_tokens",
+    "check_concepts",
+    "check_output",
+    "concat_factors",
+    "concept_prompts",
+    "dare_merge",
+    "fuse",
+    "load_concepts",
+    "merged_delta",
+    "ordinary_prompts",
+    "read_fusion_json",
+    "record_gradient_stats",
+    "record_prompts",
+    "record_text_stats",
+    "save_fused",
+    "ties_merge",
+]
