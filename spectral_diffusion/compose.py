@@ -23,8 +23,8 @@ from spectral_diffusion.adapters.inject import load_adapter, remove_adapters
 from spectral_diffusion.adapters.layers import AdapterLayer
 from spectral_diffusion.concept_file import Concept, load_concept
 from spectral_diffusion.errors import check_number
-from spectral_diffusion.fingerprint import base_fingerprint
 from spectral_diffusion.fusion import add_tokens, check_concepts
+from spectral_diffusion.loras import pristine_fingerprint
 
 # Concept weights beyond this only saturate the image (and overflow in fp16); negative ones subtract a concept.
 MAX_WEIGHT = 100.0
@@ -62,7 +62,7 @@ class Composer:
         self.pipe = pipe
         self.allow_overlap = allow_overlap
         self.merge = merge
-        self.fingerprint = base_fingerprint(pipe.unet, pipe.text_encoder)
+        self.fingerprint = pristine_fingerprint(pipe)  # LoRAs fused by `loras.set_loras` do not count
         self._tokenizer = copy.deepcopy(pipe.tokenizer)
         self._cache: dict[Path, _Loaded] = {}
         self._live: dict[Path, _Live] = {}

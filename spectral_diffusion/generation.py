@@ -6,7 +6,8 @@ images read back in A1111, ComfyUI and civitai tools:
 
     <prompt>
     Negative prompt: <negative>
-    Steps: 20, Sampler: DPM++ 2M, CFG scale: 7, Seed: 1, Size: 64x64, Model: toy, Concepts: "<dogA>: 1"
+    Steps: 20, Sampler: DPM++ 2M, CFG scale: 7, Seed: 1, Size: 64x64, Model: toy, Concepts: "<dogA>: 1",
+    Loras: "style.safetensors: 0.8"
 """
 
 from __future__ import annotations
@@ -153,8 +154,8 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, *, model: str = "",
              concepts: Mapping[str, float] | None = None, scope: ConceptScope | None = None,
-             max_pixels: int = MAX_PIXELS) -> list[GeneratedImage]:
-    """Sample `settings.n` images; `model` and `concepts` (label -> weight) only go into the PNG metadata.
+             max_pixels: int = MAX_PIXELS, loras: Mapping[str, float] | None = None) -> list[GeneratedImage]:
+    """Sample `settings.n` images; `model`, `concepts` and `loras` (label -> weight) only go into the PNG metadata.
 
     A canvas of more than `max_pixels` pixels is refused.
 
@@ -186,7 +187,7 @@ def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, *, mod
                           num_images_per_prompt=settings.n, generator=generators, output_type="pil").images
     finally:
         pipe.scheduler = previous
-    return [GeneratedImage(img, s, infotext(settings, s, (width, height), model, concepts or {}))
+    return [GeneratedImage(img, s, infotext(settings, s, (width, height), model, concepts or {}, loras or {}))
             for img, s in zip(images, seeds, strict=True)]
 
 
@@ -206,7 +207,7 @@ def _quote(value: object) -> str:
 
 
 def infotext(settings: GenerationSettings, seed: int, size: tuple[int, int], model: str,
-             concepts: Mapping[str, float]) -> str:
+             concepts: Mapping[str, float], loras: Mapping[str, float] | None = None) -> str:
     """The A1111 `parameters` text of one image."""
     fields: dict[str, object] = {
         "Steps": settings.steps,
@@ -219,6 +220,8 @@ def infotext(settings: GenerationSettings, seed: int, size: tuple[int, int], mod
         fields["Model"] = model
     if concepts:
         fields["Concepts"] = ", ".join(f"{name}: {weight:g}" for name, weight in concepts.items())
+    if loras:
+        fields["Loras"] = ", ".join(f"{name}: {weight:g}" for name, weight in loras.items())
     if settings.regions:
         fields["Regions"] = " | ".join(r.describe() for r in settings.regions)
         negatives = [r.negative or "" for r in settings.regions]

@@ -22,6 +22,7 @@ from spectral_diffusion.generation import (
     resolve_seed,
     save_images,
 )
+from spectral_diffusion.loras import merge_loras, parse_lora_arg, prompt_loras, set_loras
 from spectral_diffusion.models import add_base_arguments, load_base_from_args
 from spectral_diffusion.progress import is_terminal
 from spectral_diffusion.regional import REGION_MODES, parse_region
@@ -34,6 +35,10 @@ more regions. --region-negative gives the regions, in order, their own negative 
 --region-mode latent denoises each region on its own latent window (a region of the model's native size is drawn
 as a whole native image) and blends the predictions by the region masks, for models that draw one subject per image;
 with --concepts (live, not fused) each region's pass then applies only the concepts whose token its prompt holds.
+
+LoRAs: --lora FILE[:W] (repeatable; PEFT, kohya or LoCon .safetensors as diffusers loads them, weight 1 by default)
+or A1111's <lora:NAME:W> in --prompt, NAME being NAME.safetensors in --lora-dir (the tag is removed from the text the
+model sees). LoRAs are fused into the base weights, beside any live --concepts, and recorded in the metadata.
 
 Each PNG records its settings in A1111's "parameters" text chunk; image i of a run uses seed S+i, so any image
 can be remade alone; --seed -1 draws a random seed (as the app does). Files are numbered after those already in
@@ -54,6 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="concept files to compose live on --base")
     p.add_argument("--weights", type=parse_weights, default=None, metavar="W1,W2,...",
                    help="comma-separated weight per concept, in order (default: 1 each)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:W]",
+                   help="an ordinary LoRA file and its weight (default 1), applied with the concepts (repeatable)")
+    p.add_argument("--lora-dir", default="loras", metavar="DIR",
+                   help="folder of the LoRAs that <lora:NAME:W> in --prompt names (default: loras)")
     p.add_argument("--seed", type=int, default=0,
                    help=f"seed of the first image, 0..{MAX_SEED} or -1 for a random one; image i uses seed+i "
                         "(default: 0)")
@@ -107,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
     negatives = args.region_negative + [None] * (len(args.region) - len(args.region_negative))
     regions = tuple(parse_region(spec, negative=neg or None, feather=args.feather)
                     for spec, neg in zip(args.region, negatives, strict=True))
-    settings = GenerationSettings(prompt=args.prompt, negative=args.negative, steps=args.steps,
+    prompt, tagged = prompt_loras(args.prompt, args.lora_dir)
+    loras = merge_loras(*(dict([parse_lora_arg(spec)]) for spec in args.lora), tagged)
+    settings = GenerationSettings(prompt=prompt, negative=args.negative, steps=args.steps,
                                   guidance=args.guidance, scheduler=args.sampler, seed=resolve_seed(args.seed),
                                   size=args.size, n=args.n, regions=regions, region_mode=args.region_mode)
     for concept in args.concepts:  # a missing or foreign file is said before the (slow) base model loads
@@ -126,9 +137,11 @@ def run(args: argparse.Namespace) -> int:
         composer.set_concepts(dict(zip(args.concepts, weights, strict=True)))
         concepts = {Path(c).name: w for c, w in zip(args.concepts, weights, strict=True)}
         scope = composer.scope
+    set_loras(pipe, loras)
     model = Path(args.model).name if args.model else args.base
     pipe.set_progress_bar_config(disable=not is_terminal(), desc=f"sampling {settings.n} image(s)", leave=False)
-    images = generate(pipe, settings, model=model, concepts=concepts, scope=scope, max_pixels=args.max_pixels)
+    images = generate(pipe, settings, model=model, concepts=concepts, scope=scope, max_pixels=args.max_pixels,
+                      loras={path.name: weight for path, weight in loras.items()})
     for path in save_images(images, args.out):
         print(f"wrote {path}")
     return 0

@@ -15,7 +15,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
@@ -26,6 +26,7 @@ from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.export import Exported, export_lora, textual_inversion_path
 from spectral_diffusion.fusion import FusionReport, fuse, save_fused
 from spectral_diffusion.generation import GeneratedImage, GenerationSettings, generate, save_images
+from spectral_diffusion.loras import prompt_loras, set_loras
 from spectral_diffusion.models import DTYPES, load_base
 from spectral_diffusion.training.trainer import StepInfo, TrainConfig, train
 from spectral_diffusion.ui.concepts import ConceptInfo, list_concepts, read_concept_info
@@ -150,13 +151,16 @@ class Backend:
 
     def generate(self, settings: GenerationSettings, concepts: Mapping[str, float],
                  on_step: Callable[[int, int], None] | None = None) -> list[tuple[Path, GeneratedImage]]:
-        """Compose `concepts` (name -> weight) live, sample, and save the PNGs (with metadata) to the output folder."""
+        """Compose `concepts` (name -> weight) live, fuse the LoRAs the prompt names (`<lora:NAME:W>`, files in
+        `<output-dir>/loras`), sample, and save the PNGs (with metadata) to the output folder."""
         weights = {name: check_weight(weight, name) for name, weight in concepts.items()}
         paths = {self.concept(name).path: weight for name, weight in weights.items()}
+        prompt, loras = prompt_loras(settings.prompt, self.output_dir / "loras")
         with self._pipe_lock, report_steps(self.pipe, on_step):
             self.composer.set_concepts(paths)
-            images = generate(self.pipe, settings, model=self.base.spec, concepts=weights,
-                              scope=self.composer.scope)
+            set_loras(self.pipe, loras)
+            images = generate(self.pipe, replace(settings, prompt=prompt), model=self.base.spec, concepts=weights,
+                              scope=self.composer.scope, loras={path.name: w for path, w in loras.items()})
         return list(zip(save_images(images, self.output_dir / "images"), images, strict=True))
 
     # ---- training ------------------------------------------------------------------------------------------
