@@ -50,7 +50,8 @@ def test_readme_commands_run_on_the_tiny_model(tiny_model_dir, tmp_path, monkeyp
             args += ["--preview-images", "0"]
         assert main(args) == 0, args
         ran.append(args[0])
-    assert ran == ["train", "train", "toyworld", "fuse", "generate", "generate", "export-lora"]
+    assert ran == ["train", "train", "toyworld", "fuse", "generate", "generate", "export-lora", "export-lora", "generate"]
     assert len((tmp_path / "captions.txt").read_text().splitlines()) == 64
-    assert len(list((tmp_path / "images").glob("*.png"))) == 4 + 1
+    assert len(list((tmp_path / "images").glob("*.png"))) == 4 + 1 + 1  # regions (--n 4), live concepts, + a LoRA
+    assert (tmp_path / "loras" / "<housea>.safetensors").is_file()  # the exported LoRA's embedding, by its trigger
     assert (tmp_path / "fused-model" / "model_index.json").is_file()
