@@ -1,10 +1,12 @@
 """Does the toy recipe learn every held-out concept alone? Identity and prompt fidelity of each of the world's
 concepts, trained by the recipe (additive) and applied live on the bundled base.
 
-    .venv/bin/python benchmarks/concept_identity.py [--seeds K] [--cache DIR] [--base toy] [--out FILE]
+    .venv/bin/python benchmarks/concept_identity.py [--steps N] [--concepts NAME ...] [--seeds K] [--cache DIR]
+        [--base toy] [--out FILE]
 
 The fusion benchmark's eight concepts are trained exactly as there (concept i in band i, seed i; the same cache, so
-neither script trains them twice); the other concepts form a second group numbered from 0. Scores as in the fusion
+neither script trains them twice); the other concepts form a second group numbered from 0. `--concepts` trains and
+scores the named concepts as one group instead (a sweep row, e.g. with `--steps`). Scores as in the fusion
 benchmark (`toyworld/scoring.py`): identity = the judge's probability of the concept on its own prompt; fidelity =
 the probability of a background no photo had, when asked for. Writes docs/results/concept_identity.md unless
 --no-write.
@@ -20,7 +22,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from fusion_quality import CONCEPTS, FULL, ROOT, cached, evaluate_single, judge_key, machine, train_concepts
+from fusion_quality import (
+    CONCEPTS,
+    FULL,
+    ROOT,
+    Plan,
+    cached,
+    evaluate_single,
+    judge_key,
+    machine,
+    train_concepts,
+)
 
 from spectral_diffusion.fingerprint import base_fingerprint
 from spectral_diffusion.models import load_base
@@ -35,6 +47,9 @@ GOAL = 0.9
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=FULL.steps, help="training steps (default: the recipe's, %(default)s)")
+    parser.add_argument("--concepts", nargs="+", choices=list(concepts.CONCEPTS), default=None, metavar="NAME",
+                        help="score these concepts as one group (default: every concept, in two groups)")
     parser.add_argument("--seeds", type=int, default=FULL.seeds, help="seeds per prompt (default: %(default)s)")
     parser.add_argument("--base", default="toy", help="toy-world base model (default: toy)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -52,13 +67,15 @@ def main(argv: list[str] | None = None) -> None:
     base = load_base(args.base, device=args.device, dtype=torch.float32)
     fingerprint = base_fingerprint(base.unet, base.text_encoder)
     sampling = Sampling(steps=FULL.sample_steps, n=args.seeds)
-    results = args.cache / "results" / f"{fingerprint}-{FULL.key()}-{judge_key(args.judge)}"
-    groups = (CONCEPTS, tuple(name for name in concepts.CONCEPTS if name not in CONCEPTS))
+    plan = Plan(steps=args.steps)
+    results = args.cache / "results" / f"{fingerprint}-{plan.key()}-{judge_key(args.judge)}"
+    groups = ((tuple(args.concepts),) if args.concepts else
+              (CONCEPTS, tuple(name for name in concepts.CONCEPTS if name not in CONCEPTS)))
     scores = {}
-    for k, names in enumerate(groups):
-        paths = train_concepts(args.cache, names, "additive", RECIPE.rank, FULL, args.base, fingerprint, args.device)
-        scores.update(cached(results / f"alone-group{k}-s{args.seeds}.json", evaluate_single, base, judge, names,
-                             paths, sampling)["concepts"])
+    for names in groups:
+        paths = train_concepts(args.cache, names, "additive", RECIPE.rank, plan, args.base, fingerprint, args.device)
+        scores.update(cached(results / f"alone-{'-'.join(names)}-s{args.seeds}.json", evaluate_single, base, judge,
+                             names, paths, sampling)["concepts"])
     lines = ["| concept | class word | identity alone | fidelity alone |", "| --- | --- | --- | --- |"]
     for name, score in scores.items():
         lines.append(f"| `{name}` | {concepts.CONCEPTS[name].class_word} | {score['identity']:.2f} | "
@@ -75,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
             f"# Every toy concept, learned alone\n\nMade by `.venv/bin/python {command.strip()}` on "
             f"{datetime.now(timezone.utc):%Y-%m-%d} ({machine()}). Base `{args.base}` (fingerprint {fingerprint}); "
             f"each concept trained by the toy recipe (`toyworld/recipe.py`: additive, {RECIPE.targets}, rank "
-            f"{RECIPE.rank}, {FULL.steps} steps, locality weight {RECIPE.locality_weight:g}) and applied live; "
+            f"{RECIPE.rank}, {args.steps} steps, locality weight {RECIPE.locality_weight:g}) and applied live; "
             f"{args.seeds} seeds per prompt, {sampling.steps} DPM++ steps, CFG {sampling.guidance:g}. Fidelity: the "
             f"probability of the dotted background when asked for it.\n\n{table}\n")
         print(f"wrote {args.out}")
