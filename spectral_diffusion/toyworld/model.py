@@ -1,7 +1,7 @@
 """The bundled toy base model: a real `StableDiffusionPipeline`, small enough to train and run on a CPU.
 
 Same component classes as SD 1.x (AutoencoderKL, UNet2DConditionModel, CLIPTextModel, CLIPTokenizer), so every
-code path of the toolkit runs on it unchanged. Sizes follow the measurements in DESIGN.md §4:
+code path of the toolkit runs on it unchanged. Sizes are the measured ones of docs/toyworld.md:
 
 - VAE: channels (16, 32, 64), 4x downsampling, 64x64x3 images <-> 16x16x4 latents;
 - UNet: SD 1.x's block layout at toy sizes: four levels, channels (32, 64, 128, 128) at 16x16, 8x8, 4x4, 2x2

@@ -4,7 +4,7 @@ a concept on the bundled base, and how they fuse concepts.
 Found by measurement (`benchmarks/concept_recipe.py`, docs/toyworld.md "Training the concepts"): identity lives in
 the text pathway (the token rows, the text encoder's attention, the cross-attention keys and values), so a fused
 concept acts only where its own token is, and the closed-form text-side merge keeps every concept's mapping of its
-own token (fusion.py).
+own token (`spectral_diffusion.fusion`).
 
 API:
     RECIPE: Recipe                         # targets, rank, steps, learning rates per adapter kind, fusion method
