@@ -21,9 +21,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from spectral_diffusion.bands import oriented_svd, randomized_svd, svd_residual, tensor_digest, weight_matrix
+from spectral_diffusion.progress import StepProgress
 
 SVD = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # Entries keep at least this many columns (when the layer has them), so that later concepts in higher
@@ -87,9 +87,8 @@ class SVDCache:
             else:
                 result[name] = cached
                 self.hits += 1
-        for name, weight, path, columns in tqdm(
-            to_compute, desc="SVD of adapted layers", unit="layer", disable=not to_compute
-        ):
+        progress = StepProgress(len(to_compute), desc="SVD of adapted layers", enabled=bool(to_compute))
+        for name, weight, path, columns in to_compute:
             u, s, v = self._compute(weight, k, columns)
             self._write(path, u.cpu(), s.cpu(), v.cpu())
             result[name] = (
@@ -98,6 +97,8 @@ class SVDCache:
                 v[:, :k].cpu().contiguous(),
             )
             self.misses += 1
+            progress.update()
+        progress.close()
         return {name: result[name] for name in layers}
 
     def _compute(self, weight: torch.Tensor, k: int, columns: int | None) -> SVD:
