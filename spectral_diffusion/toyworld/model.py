@@ -40,13 +40,13 @@ from spectral_diffusion.toyworld import render
 MODEL_DIR = Path(__file__).resolve().parent / "model"
 TEXT_WIDTH = 128
 
-# Words a user is likely to type around the world's own vocabulary; each becomes one token.
+# Words a user is likely to type around the world's own vocabulary (`render.VOCABULARY`); each becomes one token.
 EXTRA_WORDS = (
-    "and", "with", "is", "two", "one", "next", "to", "beside", "near", "above", "below", "under", "over",
+    "with", "is", "two", "one", "next", "to", "beside", "near", "above", "below", "under", "over",
     "picture", "image", "drawing", "painting", "rendering", "style", "big", "tiny", "little", "shape", "object",
     "toy", "world", "scene", "my", "his", "her", "their", "this", "that", "it", "colorful", "colourful",
-    "bright", "dark", "light", "pink", "gray", "grey", "striped", "stripes", "dots", "dotted", "checkered",
-    "face", "door", "disc", "flag", "cross", "ring", "target", "nut", "spots", "spotted", "smiling", "dog",
+    "bright", "dark", "light", "pink", "gray", "grey", "stripes", "dots",
+    "face", "door", "disc", "flag", "cross", "ring", "target", "nut", "spots", "smiling", "dog",
     "cat", "person", "man", "woman", "car", "tree", "flower", "sun", "moon", "sky", "water", "grass", "sand",
     "left", "right", "top", "bottom", "middle", "center", "centre", "corner",
 )
