@@ -17,8 +17,8 @@ a stage ends on time with a fully decayed learning rate whatever the load. Step 
   guidance works), caption variation (size / position / "a photo of" words at random), EMA of the weights,
   gradient clipping. The defaults rebuild the bundled model's quality in under an hour on 2 CPU cores.
 - Checkpoints (`<out>/vae.ckpt`, `<out>/unet.ckpt`) are written atomically every few minutes and on Ctrl-C;
-  `resume=True` continues from them. The end result, EMA weights in fp16 safetensors, is written as a diffusers
-  folder (default `model.MODEL_DIR`).
+  `resume=True` continues from them. The end result, EMA weights in safetensors (fp16; the text encoder
+  fp32), is written as a diffusers folder (default `model.MODEL_DIR`).
 
 API: `PretrainConfig`, `pretrain(config) -> Path`, `export_pipeline(pipe, out_dir)`.
 """
@@ -376,9 +376,13 @@ def sample_grid(pipe: StableDiffusionPipeline, unet: torch.nn.Module, text_encod
 
 
 def export_pipeline(pipe: StableDiffusionPipeline, out_dir: Path) -> None:
-    """Write `pipe` as a diffusers folder with fp16 safetensors, replacing `out_dir` only once fully written."""
+    """Write `pipe` as a diffusers folder, replacing `out_dir` only once fully written. The UNet and VAE are stored in
+    fp16 (diffusers loads them in fp32 unless asked otherwise); the text encoder in fp32, since transformers loads it
+    in its stored dtype, and an fp16 text encoder beside an fp32 UNet fails in plain `from_pretrained` on a CPU."""
+    export = copy.deepcopy(pipe).to(torch.float16)
+    export.text_encoder.to(torch.float32)
     with atomic_directory(out_dir) as tmp:
-        copy.deepcopy(pipe).to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        export.save_pretrained(tmp, safe_serialization=True)
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
