@@ -230,7 +230,7 @@ def load_init(folder: Path) -> StableDiffusionPipeline:
     the world's tokenizer vocabulary."""
     for component in ("unet", "text_encoder"):
         component_weights(folder, component, "--init-from")
-    init = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    init = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         world = build_clip_tokenizer(toy_model.vocabulary(), tmp).get_vocab()
     if init.tokenizer.get_vocab() != world:
@@ -241,7 +241,7 @@ def load_init(folder: Path) -> StableDiffusionPipeline:
 def import_vae(folder: Path, device: str) -> tuple[torch.nn.Module, str]:
     """Stage 1 replaced by the VAE of an existing diffusers folder (fp32), identified by its weights' digest."""
     digest = hashlib.sha256(vae_weights(folder).read_bytes()).hexdigest()[:16]
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32).to(device)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=torch.float32).to(device)
     return vae.eval(), f"imported:{digest}"
 
 
