@@ -15,11 +15,15 @@ from safetensors.torch import load_file
 
 from spectral_diffusion.cli import COMMANDS, build_parser, main
 from spectral_diffusion.cli import app as app_cli
+from spectral_diffusion.cli.options import config_from_args
+from spectral_diffusion.cli.toyworld import PRETRAIN_FLAGS
 from spectral_diffusion.concept_file import save_concept
 from spectral_diffusion.export import lora_state_dict
 from spectral_diffusion.fusion import ties_merge
 from spectral_diffusion.generation import SCHEDULERS
 from spectral_diffusion.testing.tiny_sd import random_concept
+from spectral_diffusion.toyworld.pretrain import PretrainConfig
+from spectral_diffusion.training.config import TrainConfig
 
 
 def test_lora_format_has_one_name_in_fuse_and_export(tmp_path: Path, tiny_pipe) -> None:
@@ -35,6 +39,20 @@ def test_lora_format_has_one_name_in_fuse_and_export(tmp_path: Path, tiny_pipe) 
 def test_each_command_module_is_named_after_its_sub_command() -> None:
     choices = build_parser()._subparsers._group_actions[0].choices
     assert list(choices) == [name.replace("_", "-") for name in COMMANDS]
+
+
+def test_flags_are_the_settings_dataclass_fields_with_its_defaults(tmp_path: Path, capsys) -> None:
+    parser = build_parser()
+    args = parser.parse_args(["train", "photos", "--token", "<x>", "--out", "x.safetensors"])
+    config = config_from_args(TrainConfig, args, base=args.base, base_config=args.config,
+                              allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
+    assert vars(config) == {**vars(TrainConfig("photos", "<x>", "x.safetensors")), "validation_prompts": []}
+    args = parser.parse_args(["toyworld", "pretrain", "--out", "run"])
+    assert config_from_args(PretrainConfig, args, PRETRAIN_FLAGS) == PretrainConfig(out=Path("run"))
+    # the flags only parse; TrainConfig.check refuses, in the words the Python API gets
+    out = str(tmp_path / "x.safetensors")
+    assert main(["train", str(tmp_path), "--token", "<x>", "--out", out, "--band", "x3"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --band must be 'auto' or a non-negative integer, got 'x3'"
 
 
 def test_sampler_is_named_as_in_the_png_metadata(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:

@@ -5,11 +5,35 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-from dataclasses import fields
 from pathlib import Path
 
+from spectral_diffusion.cli.options import add_config_arguments, config_from_args
 from spectral_diffusion.models import add_base_arguments
 from spectral_diffusion.toyworld.pretrain import PretrainConfig
+
+# `toyworld pretrain` flags: PretrainConfig's fields with their help (cli/options.py), the defaults are its own.
+PRETRAIN_FLAGS = {
+    "out": {"help": "run folder: checkpoints, latents, log.txt, samples"},
+    "model_dir": {"help": "where the finished diffusers folder goes", "default_help": "the package's bundled model"},
+    "vae_from": {"metavar": "MODEL_DIR", "help": "reuse the VAE of this diffusers folder and skip stage 1 (e.g. the "
+                                                 "bundled model's, spectral_diffusion/toyworld/model)"},
+    "init_from": {"metavar": "MODEL_DIR", "help": "start the UNet and text encoder from this diffusers folder's (a "
+                                                  "fine-tuning run, e.g. the bundled model after a change of the "
+                                                  "world); its vocabulary must be the world's"},
+    "pattern_share": {"help": "share of the scenes drawn in a two-colour pattern"},
+    "warmup_steps": {"help": "learning-rate warm-up steps of each stage"},
+    "vae_minutes": {"help": "VAE training budget"},
+    "unet_minutes": {"help": "UNet + text encoder training budget"},
+    "num_scenes": {"flag": "--scenes", "help": "rendered training scenes"},
+    "threads": {"help": "torch CPU threads"},
+    "device": {"help": "cpu or cuda; see docs/toyworld.md for the GPU recipe"},
+    "vae_batch": {"help": "VAE batch size, half clutter"},
+    "unet_batch": {"help": "UNet samples per step, noise draws included"},
+    "noise_draws": {"help": "noise draws per encoded caption; --unet-batch must be a multiple"},
+    "unet_lr": {"help": "UNet + text encoder peak learning rate"},
+    "seed": {"help": "seed of everything random"},
+    "resume": {"help": "continue from the checkpoints in --out"},
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,38 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     t = sub.add_parser("pretrain", help="pretrain the toy base model (VAE, then UNet + text encoder)",
                        description="Time-budgeted, checkpointed pretraining; Ctrl-C saves, --resume continues.")
-    t.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, latents, log.txt, samples")
-    t.add_argument("--model-dir", type=Path, default=None,
-                   help="where the finished diffusers folder goes (default: the package's bundled model)")
-    d = {f.name: f.default for f in fields(PretrainConfig)}  # one source for the defaults and their help
-    t.add_argument("--vae-from", type=Path, default=d["vae_from"], metavar="MODEL_DIR",
-                   help="reuse the VAE of this diffusers folder and skip stage 1 (e.g. the bundled model's, "
-                        "spectral_diffusion/toyworld/model)")
-    t.add_argument("--init-from", type=Path, default=d["init_from"], metavar="MODEL_DIR",
-                   help="start the UNet and text encoder from this diffusers folder's (a fine-tuning run, e.g. the "
-                        "bundled model after a change of the world); its vocabulary must be the world's")
-    t.add_argument("--pattern-share", type=float, default=d["pattern_share"],
-                   help="share of the scenes drawn in a two-colour pattern (default: %(default)s)")
-    t.add_argument("--warmup-steps", type=int, default=d["warmup_steps"],
-                   help="learning-rate warm-up steps of each stage (default: %(default)s)")
-    t.add_argument("--vae-minutes", type=float, default=d["vae_minutes"], help="VAE training budget (default: %(default)s)")
-    t.add_argument("--unet-minutes", type=float, default=d["unet_minutes"],
-                   help="UNet + text encoder training budget (default: %(default)s)")
-    t.add_argument("--scenes", dest="num_scenes", type=int, default=d["num_scenes"],
-                   help="rendered training scenes (default: %(default)s)")
-    t.add_argument("--threads", type=int, default=d["threads"], help="torch CPU threads (default: %(default)s)")
-    t.add_argument("--device", default=d["device"],
-                   help="cpu or cuda (default: %(default)s); see docs/toyworld.md for the GPU recipe")
-    t.add_argument("--vae-batch", type=int, default=d["vae_batch"],
-                   help="VAE batch size, half clutter (default: %(default)s)")
-    t.add_argument("--unet-batch", type=int, default=d["unet_batch"],
-                   help="UNet samples per step, noise draws included (default: %(default)s)")
-    t.add_argument("--noise-draws", type=int, default=d["noise_draws"],
-                   help="noise draws per encoded caption; --unet-batch must be a multiple (default: %(default)s)")
-    t.add_argument("--unet-lr", type=float, default=d["unet_lr"],
-                   help="UNet + text encoder peak learning rate (default: %(default)s)")
-    t.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    t.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    add_config_arguments(t, PretrainConfig, PRETRAIN_FLAGS)
     t.set_defaults(func=_pretrain)
 
     j = sub.add_parser("train-judge", help="train the judge CNN on renders and report validation accuracy")
@@ -122,13 +115,7 @@ def _captions(args: argparse.Namespace) -> None:
 def _pretrain(args: argparse.Namespace) -> None:
     from spectral_diffusion.toyworld.pretrain import pretrain
 
-    keys = ("vae_from", "init_from", "pattern_share", "warmup_steps", "vae_minutes", "unet_minutes", "num_scenes",
-            "threads", "device", "vae_batch", "unet_batch", "noise_draws", "unet_lr")
-    settings = {key: getattr(args, key) for key in keys}
-    if args.model_dir is not None:
-        settings["model_dir"] = args.model_dir
-    cfg = PretrainConfig(out=args.out, seed=args.seed, resume=args.resume, **settings)
-    print(pretrain(cfg))
+    print(pretrain(config_from_args(PretrainConfig, args, PRETRAIN_FLAGS)))
 
 
 def _train_judge(args: argparse.Namespace) -> None:

@@ -39,61 +39,118 @@ def loss_log_path(out: str | Path) -> Path:
     return out.with_name(out.stem + ".loss.csv")
 
 
+def _lr_help(which: int) -> str:
+    """`DEFAULT_LRS` as help text: '0.001 additive/rotational, 0.0001 lora/ortho' for the UNet (`which` 0)."""
+    variants: dict[float, list[str]] = {}
+    for variant, rates in DEFAULT_LRS.items():
+        variants.setdefault(rates[which], []).append(variant)
+    return ", ".join(f"{rate:g} {'/'.join(names)}" for rate, names in variants.items())
+
+
+# The argument groups of `spectral-diffusion train --help`.
+_ADAPTER, _OPTIMISATION, _TOKEN, _DATA, _BOOKKEEPING = "adapter", "optimisation", "token", "data", "checkpoints and samples"
+
+
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on; `None` defaults are resolved from the model or the variant."""
+    """Everything a training run depends on; `None` defaults are resolved from the model or the variant.
 
-    photo_dir: str | Path
-    token: str
-    out: str | Path
-    class_word: str = ""
+    Each field's metadata is its `spectral-diffusion train` flag (`cli/options.py`); the base-model fields are the
+    flags every command shares (`models.add_base_arguments`).
+    """
+
+    photo_dir: str | Path = field(metadata={
+        "help": "folder of photos of the concept", "positional": True, "metavar": "PHOTO_DIR"})
+    token: str = field(metadata={"help": 'the new trigger word, e.g. "<dogA>" (must not be a known word)'})
+    out: str | Path = field(metadata={"help": "the concept file to write", "metavar": "CONCEPT.safetensors"})
+    class_word: str = field(default="", metadata={
+        "help": "what the concept is (dog, person, ...): initialises the token embedding and fills {class_word} in "
+                "captions", "default_help": "none"})
     # base model (see models.load_base)
     base: str = "toy"
     base_config: str | None = None
     allow_pickle: bool = False
     device: str | None = None
     dtype: str | None = None  # weights: fp32/fp16/bf16; None: from mixed_precision
-    # adapter
-    variant: str = "additive"
-    band: int | str = "auto"
-    rank: int = 8
-    targets: str = "attn"
-    train_singular_values: bool = True
-    # optimisation
-    steps: int = 1000
-    batch_size: int = 2
-    grad_accum: int = 1
-    resolution: int | None = None  # None: the model's native size
-    lr_unet: float | None = None  # None: DEFAULT_LRS[variant]
-    lr_text: float | None = None
-    lr_emb: float = 1e-3
-    warmup_steps: int | None = None  # None: 5% of steps
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    noise_offset: float = 0.01
-    snr_gamma: float = 0.0  # 0: off
-    # interference control: weight of the text-side locality term (trainer.locality_loss); 0: off
-    locality_weight: float = 0.0
-    # tokens
-    num_vectors: int = 2
-    emb_norm_cap: float | None = None  # None: 1.4x the vocabulary's mean row norm; 0: off
-    # data
-    prior_dir: str | Path | None = None
-    prior_weight: float = 1.0
-    mask_floor: float = 0.0
-    flip: bool = True
-    # bookkeeping
-    checkpoint_every: int = 250  # 0: only on Ctrl-C
-    resume: bool = False
-    validation_prompts: Sequence[str] = field(default_factory=tuple)
-    validate_every: int = 0
-    sample_steps: int = 25
-    preview_images: int = 4
-    concepts_dir: str | Path | None = None
-    overwrite: bool = False
+    variant: str = field(default=AdapterConfig.variant, metadata={
+        "group": _ADAPTER, "help": "additive | rotational (Spectral Adapter bands) | lora | ortho (baselines)"})
+    band: int | str = field(default="auto", metadata={
+        "group": _ADAPTER, "help": "SVD band N (singular vectors N*rank..(N+1)*rank-1), or auto: the lowest band that "
+                                  "no concept of this base model in --concepts-dir uses"})
+    rank: int = field(default=AdapterConfig.rank, metadata={
+        "group": _ADAPTER, "help": "singular vectors per band / LoRA rank"})
+    targets: str = field(default=AdapterConfig.targets, metadata={
+        "group": _ADAPTER, "help": "kv (cross-attention keys/values + text-encoder attention: the text pathway only) | "
+                                  "attn | attn+ff | attn+ff+conv (adds the UNet's 3x3 resnet and sampler convs, "
+                                  "LoCon-style) | comma-separated glob patterns on layer names"})
+    train_singular_values: bool = field(default=AdapterConfig.train_singular_values, metadata={
+        "group": _ADAPTER, "flag": "--no-singular-values", "default_help": "trained",
+        "help": "spectral variants: keep the band's singular values frozen"})
+    steps: int = field(default=1000, metadata={"group": _OPTIMISATION, "help": "optimizer steps"})
+    batch_size: int = field(default=2, metadata={
+        "group": _OPTIMISATION, "help": "images per micro-batch and process"})
+    grad_accum: int = field(default=1, metadata={"group": _OPTIMISATION, "help": "micro-batches per optimizer step"})
+    resolution: int | None = field(default=None, metadata={
+        "group": _OPTIMISATION, "help": "training size in px", "default_help": "the model's native size, 512 for SD 1.5"})
+    lr_unet: float | None = field(default=None, metadata={
+        "group": _OPTIMISATION, "help": "UNet adapter learning rate", "default_help": _lr_help(0)})
+    lr_text: float | None = field(default=None, metadata={
+        "group": _OPTIMISATION, "help": "text-encoder adapter learning rate; 0 freezes it",
+        "default_help": _lr_help(1)})
+    lr_emb: float = field(default=1e-3, metadata={
+        "group": _OPTIMISATION, "help": "new token embeddings learning rate; 0 freezes them"})
+    warmup_steps: int | None = field(default=None, metadata={
+        "group": _OPTIMISATION, "help": "linear warm-up before the cosine decay", "default_help": "5% of --steps"})
+    weight_decay: float = field(default=1e-2, metadata={
+        "group": _OPTIMISATION, "help": "AdamW weight decay of adapters"})
+    max_grad_norm: float = field(default=1.0, metadata={
+        "group": _OPTIMISATION, "help": "gradient clipping; 0 turns it off"})
+    seed: int = field(default=0, metadata={"group": _OPTIMISATION, "help": "seed of everything random"})
+    mixed_precision: str = field(default="no", metadata={
+        "group": _OPTIMISATION, "help": f"{' | '.join(MIXED_PRECISIONS)}; GPU only, the CPU always trains in fp32"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "group": _OPTIMISATION, "help": "recompute activations in backward: less memory, ~30% slower",
+        "default_help": "off"})
+    noise_offset: float = field(default=0.01, metadata={"group": _OPTIMISATION, "help": "noise offset"})
+    snr_gamma: float = field(default=0.0, metadata={
+        "group": _OPTIMISATION, "help": "min-SNR loss weighting gamma, e.g. 5; 0 turns it off"})
+    # interference control: the text-side locality term (trainer.locality_loss)
+    locality_weight: float = field(default=0.0, metadata={
+        "group": _OPTIMISATION, "help": "keep the text encoder's and the cross-attention keys/values' outputs at the "
+                                       "base model's on prompts without the token (its captions with the token "
+                                       "dropped, or replaced by random foreign token vectors), so the concept stays "
+                                       "out of other concepts' way; 0: off"})
+    num_vectors: int = field(default=2, metadata={
+        "group": _TOKEN, "help": "embedding vectors of the token: <tok>, <tok>_1, ..."})
+    emb_norm_cap: float | None = field(default=None, metadata={
+        "group": _TOKEN, "help": "largest norm of a token vector; 0 turns it off",
+        "default_help": "1.4x the vocabulary's mean norm, about 0.55 on SD 1.5"})
+    prior_dir: str | Path | None = field(default=None, metadata={
+        "group": _DATA, "metavar": "DIR", "default_help": "none",
+        "help": "images of the class (or ordinary renders) mixed into every batch to keep the base model's prior; "
+                "captions default to 'a photo of a {class_word}'"})
+    prior_weight: float = field(default=1.0, metadata={"group": _DATA, "help": "loss weight of the prior images"})
+    mask_floor: float = field(default=0.0, metadata={
+        "group": _DATA, "help": "loss weight of the background where masks are given, 0..1"})
+    flip: bool = field(default=True, metadata={"group": _DATA, "help": "no random horizontal flips (text, logos)"})
+    checkpoint_every: int = field(default=250, metadata={
+        "group": _BOOKKEEPING, "help": "write a resumable checkpoint every N steps; 0: only on Ctrl-C"})
+    resume: bool = field(default=False, metadata={
+        "group": _BOOKKEEPING, "help": "continue from the newest checkpoint of --out"})
+    validation_prompts: Sequence[str] = field(default_factory=tuple, metadata={
+        "group": _BOOKKEEPING, "flag": "--validation-prompt", "metavar": "P",
+        "help": "prompt to sample during training and in the preview; repeatable",
+        "default_help": "the caption template for the preview only"})
+    validate_every: int = field(default=0, metadata={
+        "group": _BOOKKEEPING, "help": "sample the validation prompts every N steps into <out stem>_samples/; 0: never"})
+    sample_steps: int = field(default=25, metadata={"group": _BOOKKEEPING, "help": "denoising steps of samples"})
+    preview_images: int = field(default=4, metadata={
+        "group": _BOOKKEEPING, "help": "images per prompt in the final preview grid; 0: no preview"})
+    concepts_dir: str | Path | None = field(default=None, metadata={
+        "group": _BOOKKEEPING, "metavar": "DIR", "default_help": "the folder of --out",
+        "help": "folder of the concepts this one will be fused with: --band auto avoids their bands"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace an existing --out (and its old checkpoints)"})
 
     def check(self) -> None:
         """Refuse bad settings before anything slow happens (including an existing `out` without `overwrite`), and

@@ -166,7 +166,7 @@ class Backend:
     # ---- training ------------------------------------------------------------------------------------------
 
     def start_training(self, photos: Sequence[str | Path], *, name: str, token: str, class_word: str,
-                       steps: int, rank: int = 8) -> TrainingJob:
+                       steps: int, rank: int = TrainConfig.rank) -> TrainingJob:
         """Check the request, then train `name` in a background thread; one job at a time per app."""
         images = check_images(photos)
         out = child_path(self.concepts_dir, name, ".safetensors", what="concept name")
