@@ -13,7 +13,6 @@ fixed column count (``k`` rounded up to ``MIN_STORED_COLUMNS``), so it is the sa
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import platformdirs
@@ -22,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from spectral_diffusion.atomic import atomic_write
 from spectral_diffusion.bands import oriented_svd, randomized_svd, svd_residual, tensor_digest, weight_matrix
 from spectral_diffusion.progress import StepProgress
 
@@ -133,13 +133,8 @@ class SVDCache:
             return None
         return u[:, :k].contiguous(), s[:k].contiguous(), v[:, :k].contiguous()
 
-    def _write(self, path: Path, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> None:
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{path.name[:16]}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"U": u.contiguous(), "S": s.contiguous(), "V": v.contiguous()}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    @staticmethod
+    def _write(path: Path, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> None:
+        """Atomically: a reader (another process, a later run after a crash) sees a whole entry or none."""
+        tensors = {"U": u.contiguous(), "S": s.contiguous(), "V": v.contiguous()}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp))
