@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("bands", "tokenizer", "single_file", "regional"),
     ("svd_cache", "models"),
     ("adapters",),
-    ("fingerprint", "concept_file", "tokens", "export", "band_registry"),
+    ("fingerprint", "concept_file", "sidecar", "tokens", "export", "band_registry"),
     ("fusion", "compose", "loras", "generation"),
     ("training",),
     ("testing",),

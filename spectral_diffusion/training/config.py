@@ -12,6 +12,7 @@ from spectral_diffusion.atomic import check_writable
 from spectral_diffusion.concept_file import canonical_token
 from spectral_diffusion.errors import SpectralDiffusionError, check_number
 from spectral_diffusion.models import DTYPES
+from spectral_diffusion.sidecar import sidecar_path
 from spectral_diffusion.training.checkpoint import checkpoint_dir
 
 log = logging.getLogger(__name__)
@@ -20,11 +21,6 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 # spectral variants move unit-norm singular vectors (and rotation angles), whose useful steps are larger: 10x,
 # between the 1e-4 and 1e-2 UNet rates of the Spectral Adapter paper's two Mix-of-Show configurations.
 DEFAULT_LRS = {"additive": (1e-3, 1e-4), "rotational": (1e-3, 1e-4), "lora": (1e-4, 1e-5), "ortho": (1e-4, 1e-5)}
-
-
-def sidecar_path(out: str | Path) -> Path:
-    """`dogA.safetensors` -> `dogA.json`: what the app lists without opening the concept file (docs/training.md)."""
-    return Path(out).with_suffix(".json")
 
 
 def preview_path(out: str | Path) -> Path:

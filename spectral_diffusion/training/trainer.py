@@ -10,7 +10,6 @@ a checkpoint ends with exactly the weights of an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import signal
@@ -19,7 +18,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -39,7 +37,6 @@ from torch import nn
 from spectral_diffusion.adapters import adapter_state, conv_kernels, inject_adapters, trainable_parameters
 from spectral_diffusion.adapters.inject import adapter_disabled
 from spectral_diffusion.adapters.targets import is_text_fed
-from spectral_diffusion.atomic import atomic_write
 from spectral_diffusion.band_registry import choose_band
 from spectral_diffusion.concept_file import Concept, ConceptMeta, save_concept
 from spectral_diffusion.errors import SpectralDiffusionError
@@ -47,6 +44,7 @@ from spectral_diffusion.fingerprint import base_fingerprint
 from spectral_diffusion.generation import GenerationSettings, generate, native_size, save_png
 from spectral_diffusion.models import DTYPES, load_base
 from spectral_diffusion.progress import StepProgress
+from spectral_diffusion.sidecar import write_sidecar
 from spectral_diffusion.tokens import (
     ConceptEmbeddings,
     add_concept_tokens,
@@ -63,7 +61,7 @@ from spectral_diffusion.training.checkpoint import (
     save_checkpoint,
     set_rng_states,
 )
-from spectral_diffusion.training.config import TrainConfig, loss_log_path, preview_path, sidecar_path
+from spectral_diffusion.training.config import TrainConfig, loss_log_path, preview_path
 from spectral_diffusion.training.data import (
     CONCEPT_TEMPLATE,
     PRIOR_TEMPLATE,
@@ -542,10 +540,10 @@ class Trainer:
         shutil.rmtree(self.ckpt_dir, ignore_errors=True)
         log.info("wrote %s (trigger word: %s)", self.out, config.token)
         try:
-            self._write_sidecar(None)  # listable at once, even if the (slow) preview is interrupted
+            self._write_sidecar(meta, None)  # listable at once, even if the (slow) preview is interrupted
             preview = self._preview()
             if preview is not None:
-                self._write_sidecar(preview)
+                self._write_sidecar(meta, preview)
         except OSError as exc:  # the concept itself is written: nothing is lost
             log.warning("could not write the sidecar or preview of %s: %s", self.out.name, exc.strerror or exc)
         return self.out
@@ -576,31 +574,10 @@ class Trainer:
         images = [g.image for p in prompts for g in self._sample(p, n)]
         return save_png(preview_path(self.out), make_image_grid(images, rows=len(prompts), cols=n), "\n".join(prompts))
 
-    def _write_sidecar(self, preview: Path | None) -> None:
-        """`<stem>.json`: what the app and other tools show without opening the concept file (docs/training.md)."""
-        c = self.config
-        sidecar = {
-            "name": self.out.stem,
-            "concept_file": self.out.name,
-            "trigger_words": [c.token],
-            "token": c.token,
-            "token_names": self.token_names,
-            "class_word": c.class_word,
-            "example_prompt": self.default_prompt(),
-            "recommended_weight": 1.0,
-            "base_model": _spec_for_listing(c.base),
-            "base_fingerprint": self.fingerprint,
-            "variant": c.variant,
-            "band": self.meta_band,
-            "rank": c.rank,
-            "targets": c.targets,
-            "steps": c.steps,
-            "images": len(self.data),
-            "preview": preview.name if preview else None,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        text = json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n"
-        atomic_write(sidecar_path(self.out), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    def _write_sidecar(self, meta: ConceptMeta, preview: Path | None) -> None:
+        write_sidecar(self.out, meta, example_prompt=self.default_prompt(),
+                      base_model=_spec_for_listing(self.config.base), steps=self.config.steps, images=len(self.data),
+                      preview=preview)
 
 
 def _spec_for_listing(spec: str) -> str:

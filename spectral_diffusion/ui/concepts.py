@@ -1,20 +1,19 @@
 """The concept picker's data: every concept file in the concepts folder, with what its trainer's sidecar adds.
 
 A concept is `<name>.safetensors` (its header is read, never its tensors: listing stays instant with hundreds of
-files) plus the optional `<name>.json` sidecar written by the trainer (trigger words, recommended weight, base model,
-preview image). Files that are not concept files (an exported LoRA kept in the same folder) are skipped.
+files) plus the optional `<name>.json` sidecar written by the trainer (`sidecar.py`: trigger words, recommended weight,
+base model, preview image). Files that are not concept files (an exported LoRA kept in the same folder) are skipped.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from spectral_diffusion.concept_file import canonical_token, read_meta
+from spectral_diffusion.concept_file import read_meta
 from spectral_diffusion.errors import SpectralDiffusionError
-from spectral_diffusion.training.config import sidecar_path
+from spectral_diffusion.sidecar import read_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -48,23 +47,20 @@ def read_concept_info(path: str | Path) -> ConceptInfo:
     """The listing entry of one concept file (its header plus its sidecar, if there is a readable one)."""
     path = Path(path)
     meta = read_meta(path)
-    sidecar = _read_sidecar(sidecar_path(path))
-    preview = sidecar.get("preview")
-    preview_path = path.parent / Path(str(preview)).name if preview else None  # a bare name: never leaves the folder
-    triggers = sidecar.get("trigger_words") or [meta.token]
+    sidecar = read_sidecar(path)
     return ConceptInfo(
         name=path.stem,
         path=path,
         token=meta.token,
-        triggers=tuple(canonical_token(str(t)) for t in triggers),
+        triggers=sidecar.trigger_words or (meta.token,),
         class_word=meta.class_word,
         variant=meta.variant,
         rank=meta.rank,
         band=meta.band,
         base_fingerprint=meta.base_fingerprint,
-        base_model=str(sidecar.get("base_model", "")),
-        weight=float(sidecar.get("recommended_weight", 1.0)),
-        preview=preview_path if preview_path is not None and preview_path.is_file() else None,
+        base_model=sidecar.base_model,
+        weight=sidecar.recommended_weight,
+        preview=sidecar.preview,
     )
 
 
@@ -77,15 +73,3 @@ def list_concepts(folder: str | Path) -> list[ConceptInfo]:
         except SpectralDiffusionError as exc:
             log.info("not listing %s: %s", path.name, exc)
     return found
-
-
-def _read_sidecar(path: Path) -> dict:
-    """The sidecar's fields, or none when it is absent or unreadable (it only adds display details)."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable sidecar %s (%s)", path, exc)
-        return {}
-    return data if isinstance(data, dict) else {}
