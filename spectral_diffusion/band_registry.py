@@ -6,8 +6,8 @@ same folder gives the same band on any machine; the choice is logged and the ban
 and its sidecar. Concepts kept in different folders may share a band: fusing them is refused with a clear error
 (`fusion.check_concepts`), and retraining one with `--concepts-dir` naming the other's folder resolves it.
 
-Bands are compared as singular-vector column ranges `[band*rank, (band+1)*rank)`: concepts of different ranks
-conflict by columns, not by band number.
+Bands are compared as singular-vector column ranges (`bands.shared_columns`): concepts of different ranks conflict
+by columns, not by band number.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
+from spectral_diffusion.adapters.config import SPECTRAL_VARIANTS
+from spectral_diffusion.bands import band_columns, shared_columns
 from spectral_diffusion.concept_file import METADATA_KEY, read_meta
 from spectral_diffusion.errors import SpectralDiffusionError
 
@@ -33,8 +35,13 @@ class BandUse:
     token: str
     path: str
 
+    @property
+    def columns(self) -> slice:
+        """The singular-vector columns it occupies."""
+        return band_columns(self.band, self.rank)
+
     def overlaps(self, band: int, rank: int) -> bool:
-        return self.band * self.rank < (band + 1) * rank and band * rank < (self.band + 1) * self.rank
+        return shared_columns(self.band, self.rank, band, rank) is not None
 
 
 def _is_other_file(path: Path) -> bool:
@@ -60,9 +67,9 @@ def used_bands(fingerprint: str, concepts_dir: str | Path) -> list[BandUse]:
             if not _is_other_file(path):
                 log.warning("ignoring %s for band allocation: %s", path.name, exc)
             continue
-        if meta.base_fingerprint == fingerprint and meta.variant in ("additive", "rotational"):
+        if meta.base_fingerprint == fingerprint and meta.variant in SPECTRAL_VARIANTS:
             found.append(BandUse(meta.band, meta.rank, meta.token, str(path.resolve())))
-    return sorted(found, key=lambda u: (u.band * u.rank, u.path))
+    return sorted(found, key=lambda u: (u.columns.start, u.path))
 
 
 def choose_band(requested: int | str, rank: int, fingerprint: str, out: str | Path,
@@ -89,7 +96,7 @@ def choose_band(requested: int | str, rank: int, fingerprint: str, out: str | Pa
     while any(u.overlaps(band, rank) for u in others):
         band += 1
     # Said even when nothing is taken: the band depends on the folder, which the user should see.
-    taken = sorted({u.token for u in others if u.band * u.rank < band * rank})
+    taken = sorted({u.token for u in others if u.columns.start < band_columns(band, rank).start})
     log.info("--band auto: band %d, the lowest free at rank %d among the %d concept(s) of this base in %s%s",
              band, rank, len(others), folder, f" (taken by {', '.join(taken)})" if taken else "")
     return band

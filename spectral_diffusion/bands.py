@@ -57,9 +57,17 @@ def band_columns(band: int, rank: int) -> slice:
     return slice(band * rank, (band + 1) * rank)
 
 
+def shared_columns(band: int, rank: int, other_band: int, other_rank: int) -> slice | None:
+    """The columns that two bands both own, or None: bands of different ranks conflict by columns, not by number
+    (band 1 at rank 4 is inside band 0 at rank 8), so this is the one test of whether two concepts overlap."""
+    a, b = band_columns(band, rank), band_columns(other_band, other_rank)
+    start, stop = max(a.start, b.start), min(a.stop, b.stop)
+    return slice(start, stop) if start < stop else None
+
+
 def check_band_fits(layer_name: str, shape: tuple[int, ...] | torch.Size, band: int, rank: int) -> None:
     """Refuse a band that reaches past the layer's ``min(out, in)`` singular vectors."""
-    end = (band + 1) * rank
+    end = band_columns(band, rank).stop
     limit = min(shape[0], shape[1])
     if end > limit:
         fitting = limit // rank

@@ -14,6 +14,7 @@ from spectral_diffusion.bands import (
     conv_kernel,
     oriented_svd,
     randomized_svd,
+    shared_columns,
     skew_from_params,
     svd_residual,
     tensor_digest,
@@ -51,6 +52,13 @@ def test_weight_matrix_refuses_other_layers(module: nn.Module) -> None:
 def test_band_columns() -> None:
     assert band_columns(0, 8) == slice(0, 8)
     assert band_columns(3, 4) == slice(12, 16)
+
+
+def test_bands_of_different_ranks_overlap_by_columns() -> None:
+    assert shared_columns(1, 4, 0, 8) == slice(4, 8)  # band 1 at rank 4 lies inside band 0 at rank 8
+    assert shared_columns(0, 8, 1, 4) == slice(4, 8)
+    assert shared_columns(1, 8, 3, 4) == slice(12, 16)
+    assert shared_columns(2, 4, 0, 8) is None and shared_columns(0, 4, 1, 4) is None  # touching is not sharing
 
 
 def test_check_band_fits_names_layer_end_and_limit() -> None:

@@ -48,8 +48,8 @@ def inject_adapters(
     band_svds: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     if config.spectral:
         cache = svd_cache if svd_cache is not None else SVDCache()
-        top = cache.band_svd({n: unwrap(m) for n, m in targets.items()}, (band + 1) * config.rank)
         cols = band_columns(band, config.rank)
+        top = cache.band_svd({n: unwrap(m) for n, m in targets.items()}, cols.stop)
         band_svds = {n: (u[:, cols], s[cols], v[:, cols]) for n, (u, s, v) in top.items()}
     wrappers = {}
     for layer_name, module in targets.items():

@@ -21,7 +21,7 @@ from spectral_diffusion.adapters.config import SPECTRAL_VARIANTS
 from spectral_diffusion.adapters.inject import adapter_layers
 from spectral_diffusion.adapters.layers import Factors, unwrap
 from spectral_diffusion.adapters.targets import adaptable_layers
-from spectral_diffusion.bands import weight_matrix
+from spectral_diffusion.bands import shared_columns, weight_matrix
 from spectral_diffusion.concept_file import Concept, ConceptMeta, load_concept
 from spectral_diffusion.errors import SpectralDiffusionError, check_number
 from spectral_diffusion.fingerprint import base_fingerprint
@@ -114,13 +114,12 @@ def check_concepts(concepts: Sequence[tuple[Concept, str | None]], fingerprint: 
     spectral = [(c, p) for c, p in concepts if c.meta.variant in SPECTRAL_VARIANTS]
     for i, (a, path_a) in enumerate(spectral):
         for b, path_b in spectral[i + 1:]:
-            lo = max(a.meta.band * a.meta.rank, b.meta.band * b.meta.rank)
-            hi = min((a.meta.band + 1) * a.meta.rank, (b.meta.band + 1) * b.meta.rank)
-            if lo >= hi:
+            shared = shared_columns(a.meta.band, a.meta.rank, b.meta.band, b.meta.rank)
+            if shared is None:
                 continue
             message = (f"concepts {_label(path_a, a.meta)} (band {a.meta.band}, rank {a.meta.rank}) and "
                        f"{_label(path_b, b.meta)} (band {b.meta.band}, rank {b.meta.rank}) share singular-vector "
-                       f"columns [{lo}, {hi})")
+                       f"columns [{shared.start}, {shared.stop})")
             if not allow_overlap:
                 raise SpectralDiffusionError(
                     message + "; retrain one in a free band, or pass --allow-overlap to add them anyway")

@@ -38,6 +38,7 @@ from spectral_diffusion.adapters import adapter_state, conv_kernels, inject_adap
 from spectral_diffusion.adapters.inject import adapter_disabled
 from spectral_diffusion.adapters.targets import is_text_fed
 from spectral_diffusion.band_registry import choose_band
+from spectral_diffusion.bands import band_columns
 from spectral_diffusion.concept_file import Concept, ConceptMeta, save_concept
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.fingerprint import base_fingerprint
@@ -267,8 +268,9 @@ class Trainer:
                 log.warning("--band is ignored by the %s variant, which does not use SVD bands", config.variant)
             return 0
         band = choose_band(config.band, config.rank, self.fingerprint, self.out, config.concepts_dir)
+        columns = band_columns(band, config.rank)
         log.info("training %s in band %d (singular vectors %d..%d of every targeted layer)",
-                 config.token, band, band * config.rank, (band + 1) * config.rank - 1)
+                 config.token, band, columns.start, columns.stop - 1)
         return band
 
     def _param_groups(self) -> list[dict]:
