@@ -39,7 +39,14 @@ from PIL.PngImagePlugin import PngInfo
 
 from spectral_diffusion.atomic import atomic_write, check_writable
 from spectral_diffusion.errors import SpectralDiffusionError, check_number
-from spectral_diffusion.regional import ConceptScope, Region, check_region_mode, regional_prompting
+from spectral_diffusion.regional import (
+    ConceptScope,
+    Region,
+    check_region_mode,
+    fitting_canvas,
+    regional_prompting,
+    resolve_region_mode,
+)
 from spectral_diffusion.tokens import canonical_prompt
 
 # Seeds are A1111's 32-bit ones (the app's and the CLI's rule alike); -1 asks for a random seed (`resolve_seed`).
@@ -73,7 +80,12 @@ def make_scheduler(name: str, config: Mapping) -> SchedulerMixin:
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Everything that decides an image besides the model. `size` is (width, height); None: the model's native."""
+    """Everything that decides an image besides the model.
+
+    `size` is (width, height); None: the model's native size, or with regions the smallest canvas on which each
+    spans the native size (`regional.fitting_canvas`). `region_mode` `auto` picks `latent` or `attention` for the
+    regions on that canvas (`regional.resolve_region_mode`). `resolve_settings` decides both for a model.
+    """
 
     prompt: str
     negative: str = ""
@@ -84,7 +96,7 @@ class GenerationSettings:
     size: tuple[int, int] | None = None
     n: int = 1
     regions: Sequence[Region] = field(default_factory=tuple)
-    region_mode: str = "attention"
+    region_mode: str = "auto"
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -129,11 +141,11 @@ def resolve_seed(seed: int | None) -> int:
     return random.SystemRandom().randint(0, MAX_SEED) if seed is None or seed == -1 else seed
 
 
-def check_canvas(width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
-    """Refuse a canvas of more than `max_pixels` pixels (checked before any model is loaded)."""
+def check_canvas(width: int, height: int, max_pixels: int = MAX_PIXELS, why: str = "") -> None:
+    """Refuse a canvas of more than `max_pixels` pixels; `why` says where the size came from, if not the user."""
     if width * height > max_pixels:
         raise SpectralDiffusionError(
-            f"size {width}x{height} is {width * height} pixels, over the limit of {max_pixels} "
+            f"size {width}x{height}{why} is {width * height} pixels, over the limit of {max_pixels} "
             f"(raise it with --max-pixels if this machine can draw that much)")
 
 
@@ -152,12 +164,31 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def resolve_settings(pipe: StableDiffusionPipeline, settings: GenerationSettings,
+                     max_pixels: int = MAX_PIXELS) -> GenerationSettings:
+    """`settings` with what it leaves to the model decided: the canvas when `size` is None, and region mode `auto`.
+
+    The canvas is checked: sides positive multiples of `size_multiple`, at most `max_pixels` pixels. What this
+    returns is what the images' metadata records, so they reproduce from it.
+    """
+    native = native_size(pipe)
+    step = size_multiple(pipe)
+    width, height = settings.size or fitting_canvas(settings.regions, native, step)
+    if width % step or height % step or width <= 0 or height <= 0:
+        raise SpectralDiffusionError(f"size {width}x{height} must be positive multiples of {step} for this model")
+    fitted = settings.size is None and bool(settings.regions)
+    check_canvas(width, height, max_pixels, why=f" (the smallest canvas on which every region spans the model's "
+                                                f"native {native[0]}x{native[1]})" if fitted else "")
+    mode = resolve_region_mode(settings.region_mode, settings.regions, (width, height), native)
+    return replace(settings, size=(width, height), region_mode=mode)
+
+
 def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, *, model: str = "",
              concepts: Mapping[str, float] | None = None, scope: ConceptScope | None = None,
              max_pixels: int = MAX_PIXELS, loras: Mapping[str, float] | None = None) -> list[GeneratedImage]:
     """Sample `settings.n` images; `model`, `concepts` and `loras` (label -> weight) only go into the PNG metadata.
 
-    A canvas of more than `max_pixels` pixels is refused.
+    The canvas and region mode are those of `resolve_settings` (a canvas of more than `max_pixels` is refused).
 
     `scope` (`Composer.scope` of the live concepts): in latent region mode each region applies only the concepts its
     prompt names.
@@ -167,12 +198,8 @@ def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, *, mod
 
     The pipeline's scheduler and attention processors are restored afterwards.
     """
-    settings = canonical_settings(pipe, settings)
-    width, height = settings.size or native_size(pipe)
-    step = size_multiple(pipe)
-    if width % step or height % step or width <= 0 or height <= 0:
-        raise SpectralDiffusionError(f"size {width}x{height} must be positive multiples of {step} for this model")
-    check_canvas(width, height, max_pixels)
+    settings = resolve_settings(pipe, canonical_settings(pipe, settings), max_pixels)
+    width, height = settings.size
     seeds = [settings.seed + i for i in range(settings.n)]
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     previous = pipe.scheduler
@@ -208,7 +235,7 @@ def _quote(value: object) -> str:
 
 def infotext(settings: GenerationSettings, seed: int, size: tuple[int, int], model: str,
              concepts: Mapping[str, float], loras: Mapping[str, float] | None = None) -> str:
-    """The A1111 `parameters` text of one image."""
+    """The A1111 `parameters` text of one image, from `settings` as `resolve_settings` returns them."""
     fields: dict[str, object] = {
         "Steps": settings.steps,
         "Sampler": SCHEDULERS[settings.scheduler][2],

@@ -1,9 +1,11 @@
 """Regional prompts: a global prompt plus boxed or masked regions, each with its own prompt.
 
-Two modes. `attention` (the default) blends cross-attention outputs per region, described below. `latent` (the
-region mode of MultiDiffusion and A1111 Regional Prompter's "Latent" mode) denoises each region on its own crop
-window of the latent with its own prompt and blends the noise predictions by the region masks: a model that only
-learned one subject per native-size image still draws one per window (`LatentWindowForward`).
+Two modes. `attention` blends cross-attention outputs per region, described below. `latent` (the region mode of
+MultiDiffusion and A1111 Regional Prompter's "Latent" mode) denoises each region on its own crop window of the latent
+with its own prompt and blends the noise predictions by the region masks: a model that only learned one subject per
+native-size image still draws one per window (`LatentWindowForward`). `auto`, `GenerationSettings`' default, picks
+`latent` when every region spans at least the model's native size on the canvas, `attention` otherwise
+(`resolve_region_mode`); `fitting_canvas` is the smallest canvas on which the regions do.
 
 Attention mode:
 
@@ -20,6 +22,8 @@ apply to every region; the original processors are restored when the `regional_p
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -42,14 +46,16 @@ ConceptScope = Callable[[str], AbstractContextManager]
 
 # How regions are drawn: blended cross-attention outputs, or per-region denoising of latent windows.
 REGION_MODES = ("attention", "latent")
+# What a caller may ask for: one of those, or `auto` (`resolve_region_mode` picks one for the regions and canvas).
+REGION_MODE_CHOICES = ("auto", *REGION_MODES)
 # A mask image is decoded whole and resized to the canvas; a larger one (a decompression bomb) is refused from its header.
 MAX_MASK_PIXELS = 8192 * 8192
 
 
-def check_region_mode(mode: str) -> str:
-    """`mode` if it is one of `REGION_MODES`, else a `SpectralDiffusionError` naming them."""
-    if mode not in REGION_MODES:
-        raise SpectralDiffusionError(f"unknown region mode {mode!r}; choose one of {', '.join(REGION_MODES)}")
+def check_region_mode(mode: str, choices: Sequence[str] = REGION_MODE_CHOICES) -> str:
+    """`mode` if it is one of `choices`, else a `SpectralDiffusionError` naming them."""
+    if mode not in choices:
+        raise SpectralDiffusionError(f"unknown region mode {mode!r}; choose one of {', '.join(choices)}")
     return mode
 
 
@@ -83,6 +89,14 @@ class Region:
         where = str(self.mask_path) if self.box is None else ",".join(f"{v:g}" for v in self.box)
         return f"{self.prompt}:{where}"
 
+    def bounds(self) -> Box:
+        """The box, or for a mask image the bounding box of its non-zero pixels, relative to the image."""
+        if self.box is not None:
+            return self.box
+        with Image.open(self.mask_path) as img:
+            x0, y0, x1, y1 = img.convert("L").getbbox()
+            return x0 / img.width, y0 / img.height, x1 / img.width, y1 / img.height
+
 
 def _check_mask(prompt: str, path: Path) -> None:
     """Refuse a mask file that is not an image, is larger than `MAX_MASK_PIXELS` (read from its header) or is cut off."""
@@ -91,10 +105,13 @@ def _check_mask(prompt: str, path: Path) -> None:
             if img.width * img.height > MAX_MASK_PIXELS:
                 raise SpectralDiffusionError(f"region {prompt!r}: mask image {path} is {img.width}x{img.height}, "
                                              f"more than {MAX_MASK_PIXELS} pixels")
-            img.load()
+            empty = img.convert("L").getbbox() is None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise SpectralDiffusionError(
             f"region {prompt!r}: {path} is not a readable image ({type(exc).__name__})") from None
+    if empty:
+        raise SpectralDiffusionError(f"region {prompt!r}: mask image {path} is black everywhere, so the region "
+                                     "covers nothing")
 
 
 def parse_region(spec: str, *, negative: str | None = None, feather: float = 0.0) -> Region:
@@ -145,6 +162,55 @@ def region_mask(region: Region, height: int, width: int) -> torch.Tensor:
         return (inside / region.feather + 0.5).clamp(0, 1)
 
     return torch.outer(ramp(y0, y1, height), ramp(x0, x1, width)).float()
+
+
+def _pixels_inside(lo: float, hi: float, n: int) -> int:
+    """How many of `n` pixels have their centre strictly between `lo` and `hi` (relative): those `region_mask` puts
+    in a box with no feather, counted without building the mask."""
+    def centre(k: int) -> float:
+        return (k + 0.5) / n
+
+    return bisect.bisect_left(range(n), hi, key=centre) - bisect.bisect_right(range(n), lo, key=centre)
+
+
+def _spans(regions: Sequence[Region], size: tuple[int, int], native: tuple[int, int]) -> bool:
+    """Whether every region's `bounds` cover at least `native` (width, height) pixels of a canvas of `size`."""
+    return all(_pixels_inside(x0, x1, size[0]) >= native[0] and _pixels_inside(y0, y1, size[1]) >= native[1]
+               for x0, y0, x1, y1 in (region.bounds() for region in regions))
+
+
+def resolve_region_mode(mode: str, regions: Sequence[Region], size: tuple[int, int],
+                        native: tuple[int, int]) -> str:
+    """`mode`, with `auto` resolved for `regions` on a canvas of `size` (width, height).
+
+    `auto` is `latent` when every region (a mask region: the bounding box of its non-zero pixels) spans at least the
+    model's `native` (width, height) in both directions, so that each latent window holds a whole image of the model
+    (MultiDiffusion's windows; a one-subject model at 128x64 with two half boxes); `attention` otherwise (SD 1.5 at
+    768x512 with two half-width regions), and with no regions.
+    """
+    check_region_mode(mode)
+    if mode != "auto":
+        return mode
+    return "latent" if regions and _spans(regions, size, native) else "attention"
+
+
+def fitting_canvas(regions: Sequence[Region], native: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """The smallest canvas (width, height), sides multiples of `multiple`, on which every region spans at least
+    `native` in both directions (as `resolve_region_mode` measures); `native` itself with no regions."""
+    if not regions:
+        return native
+    bounds = [region.bounds() for region in regions]
+
+    def side(spans: list[tuple[float, float]], need: int) -> int:
+        # A span s covers more than s * n - 1 and fewer than s * n + 1 of n pixels: with s the narrowest, no side
+        # below `low` fits and `high` does. Past 1024 candidates (a span under 2 / (1024 * multiple)) `high` is taken.
+        narrowest = min(hi - lo for lo, hi in spans)
+        low = max(1, math.floor((need - 1) / narrowest / multiple)) * multiple
+        high = math.ceil((need + 1) / narrowest / multiple) * multiple
+        candidates = itertools.islice(range(low, high, multiple), 1024)
+        return next((n for n in candidates if all(_pixels_inside(lo, hi, n) >= need for lo, hi in spans)), high)
+
+    return (side([(b[0], b[2]) for b in bounds], native[0]), side([(b[1], b[3]) for b in bounds], native[1]))
 
 
 def blend_weights(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,10 +428,10 @@ def regional_prompting(pipe: StableDiffusionPipeline, regions: Sequence[Region],
     only the live concepts that prompt names, so one subject's adapter never draws in another's window.
 
     `height`/`width` are the image size of the generation run inside the block, `classifier_free_guidance` whether
-    that run uses CFG (diffusers: `guidance_scale > 1`), `mode` one of `REGION_MODES`. With no regions this changes
-    nothing (yields None).
+    that run uses CFG (diffusers: `guidance_scale > 1`), `mode` one of `REGION_MODES` (`resolve_region_mode` turns
+    `auto` into one). With no regions this changes nothing (yields None).
     """
-    check_region_mode(mode)
+    check_region_mode(mode, REGION_MODES)
     if not regions:
         yield None
         return

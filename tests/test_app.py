@@ -27,12 +27,13 @@ from spectral_diffusion.cli import _MessageFormat as MessageFormat
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.generation import GenerationSettings
 from spectral_diffusion.models import load_base
+from spectral_diffusion.regional import resolve_region_mode
 from spectral_diffusion.training.trainer import TrainConfig, train
 from spectral_diffusion.ui.app import _user_errors as user_errors
 from spectral_diffusion.ui.app import launch
 from spectral_diffusion.ui.backend import INTERNAL_ERROR, Backend, BaseModel
 from spectral_diffusion.ui.concepts import list_concepts
-from spectral_diffusion.ui.regions import HEADERS, rows_to_regions
+from spectral_diffusion.ui.regions import HEADERS, layout_canvas, layout_rows, rows_to_regions
 from spectral_diffusion.ui.uploads import child_path
 
 CONCEPTS = {"dogA": ("<dogA>", "dog", 1), "catB": ("<catB>", "cat", 0)}  # token, class word, preview images
@@ -153,6 +154,10 @@ def test_two_region_generate(served):
                       region_feather=0.1, region_mode="latent")
     assert latent[2].endswith("Region mode: latent")
     assert not np.array_equal(pixels(latent), pixels((gallery, seed, parameters)))
+    # The default, auto: attention above (12-pixel-wide halves), latent where each half is the native 16x16.
+    wide = generate(client, concepts=concepts, width=32, height=16, regions={"headers": HEADERS, "data": rows},
+                    region_feather=0.1)
+    assert "Size: 32x16," in wide[2] and wide[2].endswith("Region mode: latent")
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -309,3 +314,18 @@ def test_region_rows():
         rows_to_regions([["", 0, 0, 1, 1, ""]])
     with pytest.raises(SpectralDiffusionError, match="region row 1: x1 must be a number"):
         rows_to_regions([["a dog", 0, 0, "wide", 1, ""]])
+
+
+@pytest.mark.parametrize(("layout", "size", "native", "canvas"), [
+    ("Left | right", (64, 64), (64, 64), (128, 64)),  # the toy model: each half its native 64x64
+    ("Top | bottom", (64, 64), (64, 64), (64, 128)),
+    ("Thirds", (64, 64), (64, 64), (192, 64)),
+    ("Left | right", (256, 32), (64, 64), (256, 64)),  # grown where needed, never shrunk
+    ("Left | right", (512, 512), (512, 512), (1024, 512)),  # SD 1.5
+    ("Thirds", (512, 512), (512, 512), (1024, 512)),  # within the sliders' 1024
+])
+def test_a_layout_grows_the_canvas_to_fit_its_boxes(layout, size, native, canvas):
+    assert layout_canvas(layout, size, native, 8, (1024, 1024)) == canvas
+    regions = rows_to_regions(layout_rows(layout, ["a dog", "a cat", "a fish"]))
+    expected = "latent" if layout != "Thirds" or native == (64, 64) else "attention"
+    assert resolve_region_mode("auto", regions, canvas, native) == expected

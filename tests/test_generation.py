@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from spectral_diffusion.generation import (
     native_size,
     parse_size,
     resolve_seed,
+    resolve_settings,
     save_images,
 )
 from spectral_diffusion.regional import Region
@@ -74,7 +76,7 @@ def test_parse_size() -> None:
 
 def test_a1111_parameters_text(tiny_pipe) -> None:
     settings = GenerationSettings("a <dogA> dog", negative="blurry", steps=3, guidance=7.5, scheduler="dpm++", seed=9,
-                                  regions=(Region("a red cat", (0.0, 0.0, 0.5, 1.0), negative="blue"),))
+                                  size=(16, 16), regions=(Region("a red cat", (0.0, 0.0, 0.5, 1.0), negative="blue"),))
     [image] = generate(tiny_pipe, settings, model="toy", concepts={"dogA.safetensors": 1.0, "catB.safetensors": 0.8})
     assert image.parameters == (
         "a <dogA> dog\n"
@@ -103,7 +105,8 @@ def test_cli_generate_fused_and_live_give_the_same_image(tmp_path, tiny_model_di
                 random_concept(tiny_pipe, variant="rotational", band=1, token="<catB>", seed=2)]
     paths = [str(save_concept(tmp_path / f"c{i}.safetensors", c)) for i, c in enumerate(concepts)]
     common = ["--prompt", "a photo of <dogA> and <catB>", "--steps", "2", "--seed", "3", "--device", "cpu",
-              "--region", "<dogA>:0,0,0.5,1", "--region", "<catB> in the snow:0.5,0,1,1", "--feather", "0.1"]
+              "--region", "<dogA>:0,0,0.5,1", "--region", "<catB> in the snow:0.5,0,1,1", "--feather", "0.1",
+              "--region-mode", "attention"]
     assert main(["fuse", *paths, "--weights", "1,0.5", "--base", str(tiny_model_dir), "--device", "cpu",
                  "--out", str(tmp_path / "fused")]) == 0
     assert main(["generate", *common, "--model", str(tmp_path / "fused"), "--out", str(tmp_path / "a")]) == 0
@@ -134,26 +137,57 @@ def test_cli_generate_errors(tmp_path, tiny_model_dir, capsys) -> None:
 
 def test_region_mode_setting_and_metadata() -> None:
     regions = (Region("a red cat", (0.0, 0.0, 0.5, 1.0)),)
+    assert GenerationSettings("a dog").region_mode == "auto" and GenerationSettings("a dog").size is None
     latent = GenerationSettings("a dog", regions=regions, region_mode="latent")
     assert infotext(latent, 1, (32, 16), "toy", {}).endswith('Regions: "a red cat:0,0,0.5,1", Region mode: latent')
-    assert "Region mode" not in infotext(GenerationSettings("a dog", regions=regions), 1, (32, 16), "toy", {})
-    with pytest.raises(SpectralDiffusionError, match="unknown region mode 'tiles'; choose one of attention, latent"):
+    attention = GenerationSettings("a dog", regions=regions, region_mode="attention")
+    assert "Region mode" not in infotext(attention, 1, (32, 16), "toy", {})  # as older metadata had it
+    with pytest.raises(SpectralDiffusionError, match="unknown region mode 'tiles'; choose one of auto, attention, "
+                                                     "latent"):
         GenerationSettings("a dog", region_mode="tiles")
 
 
+def test_auto_canvas_and_region_mode_are_resolved_recorded_and_reproduce(tiny_pipe) -> None:
+    # The tiny model's native size is 16x16: two half-width regions get a 32x16 canvas, each a native-size window.
+    halves = (Region("a red cat", (0.0, 0.0, 0.5, 1.0)), Region("a green toy", (0.5, 0.0, 1.0, 1.0)))
+    auto = GenerationSettings("a dog", steps=1, seed=4, regions=halves)
+    assert resolve_settings(tiny_pipe, auto) == replace(auto, size=(32, 16), region_mode="latent")
+    assert resolve_settings(tiny_pipe, replace(auto, size=(16, 16))).region_mode == "attention"
+    assert resolve_settings(tiny_pipe, GenerationSettings("a dog")).size == (16, 16)  # no regions: native
+    [image] = generate(tiny_pipe, auto)
+    assert image.image.size == (32, 16)
+    assert "Size: 32x16," in image.parameters and image.parameters.endswith("Region mode: latent")
+    [again] = generate(tiny_pipe, replace(auto, size=(32, 16), region_mode="latent"))  # from the metadata
+    assert again.parameters == image.parameters and np.array_equal(_pixels(again.image), _pixels(image.image))
+    [shared] = generate(tiny_pipe, replace(auto, size=(32, 16), region_mode="attention"))
+    assert not np.array_equal(_pixels(shared.image), _pixels(image.image))
+    narrow = (Region("a red cat", (0.0, 0.0, 0.01, 1.0)),)
+    with pytest.raises(SpectralDiffusionError, match=r"^size 1552x16 \(the smallest canvas on which every region "
+                                                     r"spans the model's native 16x16\) is 24832 pixels, over the "
+                                                     r"limit of 24831 \(raise it with --max-pixels"):
+        resolve_settings(tiny_pipe, GenerationSettings("a dog", regions=narrow), max_pixels=24831)
+
+
 def test_cli_generate_region_mode(tmp_path, tiny_model_dir, capsys) -> None:
-    base = ["--prompt", "a dog", "--base", str(tiny_model_dir), "--device", "cpu", "--steps", "1", "--size", "32x16",
+    base = ["--prompt", "a dog", "--base", str(tiny_model_dir), "--device", "cpu", "--steps", "1",
             "--region", "a red cat:0,0,0.5,1", "--region", "a green toy:0.5,0,1,1"]
     with pytest.raises(SystemExit) as exc:
         main(["generate", *base, "--region-mode", "bogus", "--out", str(tmp_path / "x")])
     assert exc.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
-    assert main(["generate", *base, "--region-mode", "latent", "--out", str(tmp_path / "a")]) == 0
-    assert main(["generate", *base, "--out", str(tmp_path / "b")]) == 0
-    [latent], [attention] = (list((tmp_path / d).glob("*.png")) for d in "ab")
-    with Image.open(latent) as a, Image.open(attention) as b:
+    assert main(["generate", *base, "--size", "32x16", "--region-mode", "latent", "--out", str(tmp_path / "a")]) == 0
+    assert main(["generate", *base, "--size", "32x16", "--region-mode", "attention",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert "canvas 32x16, region mode attention\n" in capsys.readouterr().out
+    assert main(["generate", *base, "--out", str(tmp_path / "c")]) == 0  # auto canvas and mode
+    assert "canvas 32x16, region mode latent\n" in capsys.readouterr().out
+    assert main(["generate", *base, "--size", "16x16", "--out", str(tmp_path / "d")]) == 0  # regions under native
+    assert "canvas 16x16, region mode attention\n" in capsys.readouterr().out
+    [latent], [attention], [auto], [small] = (list((tmp_path / d).glob("*.png")) for d in "abcd")
+    with Image.open(latent) as a, Image.open(attention) as b, Image.open(auto) as c, Image.open(small) as d:
         assert a.text["parameters"].endswith("Region mode: latent")
-        assert "Region mode" not in b.text["parameters"]
+        assert "Region mode" not in b.text["parameters"] and "Region mode" not in d.text["parameters"]
         assert not np.array_equal(_pixels(a), _pixels(b))
+        assert c.text["parameters"] == a.text["parameters"] and np.array_equal(_pixels(a), _pixels(c))
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -6,6 +6,8 @@ import re
 import shlex
 from pathlib import Path
 
+from PIL import Image
+
 from spectral_diffusion.cli import main
 from spectral_diffusion.toyworld.recipe import RECIPE
 
@@ -19,6 +21,11 @@ def readme_commands() -> list[list[str]]:
     joined = re.sub(r"\\\n\s*", " ", block)
     lines = [line.split(" > ")[0] for line in joined.splitlines() if line.startswith("spectral-diffusion ")]
     return [shlex.split(line)[1:] for line in lines]
+
+
+def png_parameters(path: Path) -> str:
+    with Image.open(path) as image:
+        return image.text["parameters"]
 
 
 def test_readme_trains_with_the_toy_recipe() -> None:
@@ -52,6 +59,11 @@ def test_readme_commands_run_on_the_tiny_model(tiny_model_dir, tmp_path, monkeyp
         ran.append(args[0])
     assert ran == ["train", "train", "toyworld", "fuse", "generate", "generate", "export-lora", "export-lora", "generate"]
     assert len((tmp_path / "captions.txt").read_text().splitlines()) == 64
-    assert len(list((tmp_path / "images").glob("*.png"))) == 4 + 1 + 1  # regions (--n 4), live concepts, + a LoRA
+    images = sorted((tmp_path / "images").glob("*.png"))
+    assert len(images) == 4 + 1 + 1  # regions (--n 4), live concepts, + a LoRA
+    regional = [text for text in (png_parameters(path) for path in images) if "Regions:" in text]
+    assert len(regional) == 4
+    for text in regional:  # step 3 as its comment says: auto canvas, two native windows (the tiny model's is 16x16)
+        assert "Size: 32x16," in text and text.endswith("Region mode: latent"), text
     assert (tmp_path / "loras" / "<housea>.safetensors").is_file()  # the exported LoRA's embedding, by its trigger
     assert (tmp_path / "fused-model" / "model_index.json").is_file()

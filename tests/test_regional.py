@@ -13,10 +13,12 @@ from spectral_diffusion.generation import make_scheduler
 from spectral_diffusion.regional import (
     Region,
     blend_weights,
+    fitting_canvas,
     latent_window,
     parse_region,
     region_mask,
     regional_prompting,
+    resolve_region_mode,
     unet_multiple,
 )
 from spectral_diffusion.testing.tiny_sd import random_concept
@@ -245,12 +247,78 @@ def test_latent_mode_blends_region_windows_with_the_global_prediction(tiny_pipe)
     assert (window[..., :5] - whole[..., :5]).abs().max() > 1e-3
 
 
+def _boxes(*boxes: tuple[float, float, float, float]) -> list[Region]:
+    return [Region(f"subject {i}", box) for i, box in enumerate(boxes)]
+
+
+HALVES = _boxes((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0))
+THIRDS = _boxes((0.0, 0.0, 0.333, 1.0), (0.333, 0.0, 0.667, 1.0), (0.667, 0.0, 1.0, 1.0))  # as people type them
+
+
+@pytest.mark.parametrize(("regions", "size", "native", "mode"), [
+    (HALVES, (128, 64), (64, 64), "latent"),  # the toy model: each half a whole 64x64 window
+    (HALVES, (64, 64), (64, 64), "attention"),  # 32-wide halves are under its native size
+    (HALVES, (120, 64), (64, 64), "attention"),
+    (HALVES, (768, 512), (512, 512), "attention"),  # SD 1.5, two half-width regions
+    (HALVES, (1024, 512), (512, 512), "latent"),
+    (HALVES, (128, 56), (64, 64), "attention"),  # both directions count
+    (THIRDS, (192, 64), (64, 64), "latent"),  # 0.333 * 192 = 63.9, yet 64 pixel centres lie inside each box
+    (THIRDS, (184, 64), (64, 64), "attention"),
+    (_boxes((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 0.9, 1.0)), (128, 64), (64, 64), "attention"),  # every region must
+    ([], (128, 64), (64, 64), "attention"),
+])
+def test_auto_region_mode_is_latent_when_every_region_spans_the_native_size(regions, size, native, mode) -> None:
+    assert resolve_region_mode("auto", regions, size, native) == mode
+    for explicit in ("attention", "latent"):
+        assert resolve_region_mode(explicit, regions, size, native) == explicit
+
+
+@pytest.mark.parametrize(("regions", "native", "canvas"), [
+    (HALVES, (64, 64), (128, 64)),
+    (HALVES, (512, 512), (1024, 512)),
+    (HALVES, (16, 16), (32, 16)),
+    (_boxes((0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)), (64, 64), (64, 128)),
+    (THIRDS, (64, 64), (192, 64)),
+    (_boxes((0.1, 0.2, 0.35, 0.9)), (64, 64), (256, 96)),  # 0.25 x 0.7 of the canvas
+    (_boxes((0.0, 0.0, 1.0, 1.0)), (64, 64), (64, 64)),
+    ([], (64, 64), (64, 64)),  # no regions: the native size
+])
+def test_fitting_canvas_is_the_smallest_on_which_auto_picks_latent(regions, native, canvas) -> None:
+    assert fitting_canvas(regions, native, 8) == canvas
+    if regions:
+        width, height = canvas
+        assert resolve_region_mode("auto", regions, canvas, native) == "latent"
+        assert resolve_region_mode("auto", regions, (width - 8, height), native) == "attention"
+        assert resolve_region_mode("auto", regions, (width, height - 8), native) == "attention"
+
+
+def test_fitting_a_very_narrow_region_is_quick() -> None:  # the canvas limit then refuses it (test_generation)
+    assert fitting_canvas(_boxes((0.0, 0.0, 1e-9, 1.0)), (512, 512), 8)[0] > 5e11
+
+
+def test_a_mask_region_counts_as_the_bounding_box_of_its_non_zero_pixels(tmp_path) -> None:
+    img = Image.new("L", (40, 20))
+    img.paste(128, (2, 5, 22, 15))  # a grey blob in the 20x10 box at x 0.05..0.55, y 0.25..0.75
+    img.save(tmp_path / "blob.png")
+    region = parse_region(f"a cat:{tmp_path / 'blob.png'}")
+    assert region.bounds() == (0.05, 0.25, 0.55, 0.75)
+    assert fitting_canvas([region], (16, 16), 8) == (32, 32)
+    assert resolve_region_mode("auto", [region], (32, 32), (16, 16)) == "latent"
+    assert resolve_region_mode("auto", [region], (32, 24), (16, 16)) == "attention"
+    Image.new("L", (8, 8)).save(tmp_path / "black.png")
+    with pytest.raises(SpectralDiffusionError, match="black.png is black everywhere, so the region covers nothing"):
+        parse_region(f"a cat:{tmp_path / 'black.png'}")
+
+
 def test_unknown_region_mode_is_refused() -> None:
     # Checked before anything else, so even a run without regions is refused (no pipeline needed).
     message = "unknown region mode 'tiles'; choose one of attention, latent"
     with pytest.raises(SpectralDiffusionError, match=message), \
             regional_prompting(None, [], height=16, width=16, mode="tiles"):  # type: ignore[arg-type]
         pass
+    with pytest.raises(SpectralDiffusionError, match="unknown region mode 'auto'"), \
+            regional_prompting(None, [], height=16, width=16, mode="auto"):  # type: ignore[arg-type]
+        pass  # `resolve_region_mode` decides it first; `generate` does
 
 
 @pytest.mark.parametrize("mode", ["attention", "latent"])

@@ -20,21 +20,26 @@ from spectral_diffusion.generation import (
     generate,
     parse_size,
     resolve_seed,
+    resolve_settings,
     save_images,
 )
 from spectral_diffusion.loras import merge_loras, parse_lora_arg, prompt_loras, set_loras
 from spectral_diffusion.models import add_base_arguments, load_base_from_args
 from spectral_diffusion.progress import is_terminal
-from spectral_diffusion.regional import REGION_MODES, parse_region
+from spectral_diffusion.regional import REGION_MODE_CHOICES, parse_region
 
 EPILOG = """\
 Regions: --region "<dogA> dog, sitting:0,0,0.5,1" gives the part of the image in the relative box x0,y0,x1,y1
 (after the LAST colon) its own prompt; "PROMPT:mask.png" uses a greyscale mask image instead of a box. Repeat for
 more regions. --region-negative gives the regions, in order, their own negative prompts; --feather softens box edges.
---region-mode attention (default) gives each region its own prompt in cross-attention over the whole image;
---region-mode latent denoises each region on its own latent window (a region of the model's native size is drawn
-as a whole native image) and blends the predictions by the region masks, for models that draw one subject per image;
-with --concepts (live, not fused) each region's pass then applies only the concepts whose token its prompt holds.
+--region-mode attention gives each region its own prompt in cross-attention over the whole image; --region-mode
+latent denoises each region on its own latent window (a region of the model's native size is drawn as a whole native
+image) and blends the predictions by the region masks, for models that draw one subject per image; with --concepts
+(live, not fused) each region's pass then applies only the concepts whose token its prompt holds. --region-mode auto
+(default) is latent when every region (a mask: the bounding box of its non-zero pixels) spans at least the model's
+native size on the canvas, else attention. Without --size, regions get the smallest canvas on which each spans the
+native size (two half-width boxes: 128x64 on the toy model, 1024x512 on SD 1.5); the chosen canvas and mode are
+printed and recorded in the metadata.
 
 LoRAs: --lora FILE[:W] (repeatable; PEFT, kohya or LoCon .safetensors as diffusers loads them, weight 1 by default)
 or A1111's <lora:NAME:W> in --prompt, NAME being NAME.safetensors in --lora-dir (the tag is removed from the text the
@@ -43,7 +48,8 @@ model sees). LoRAs are fused into the base weights, beside any live --concepts, 
 Each PNG records its settings in A1111's "parameters" text chunk; image i of a run uses seed S+i, so any image
 can be remade alone; --seed -1 draws a random seed (as the app does). Files are numbered after those already in
 --out and never overwritten. Every number is checked before the model is loaded: weights and guidance must be
-finite, seeds within 0..4294967295, and the canvas at most --max-pixels.
+finite, seeds within 0..4294967295, and a --size at most --max-pixels (a canvas fitted to the regions is checked
+once the model is loaded).
 """
 
 
@@ -73,7 +79,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         + ", ".join(f"{k} = {v[2]}" for k, v in SCHEDULERS.items())
                         + "; --scheduler is the older spelling (default: dpm++)")
     p.add_argument("--size", type=_size, default=None, metavar="WxH",
-                   help="image size (default: the model's native size)")
+                   help="image size (default: the model's native size; with --region, the smallest canvas on "
+                        "which every region spans the native size)")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
                    help=f"refuse canvases of more than N pixels (default: {MAX_PIXELS}, i.e. 1024x1024)")
     p.add_argument("--n", type=int, default=1, help="number of images (default: 1)")
@@ -84,9 +91,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="negative prompt of the next region, in order (repeatable; default: --negative)")
     p.add_argument("--feather", type=float, default=0.0,
                    help="width of the soft edge of region boxes, relative to the image side (default: 0)")
-    p.add_argument("--region-mode", choices=list(REGION_MODES), default="attention",
+    p.add_argument("--region-mode", choices=list(REGION_MODE_CHOICES), default="auto",
                    help="attention: regions' prompts blended in cross-attention; latent: each region denoised on its "
-                        "own latent window, predictions blended by the masks (default: attention)")
+                        "own latent window, predictions blended by the masks; auto: latent when every region spans "
+                        "the model's native size, else attention (default: auto)")
     add_base_arguments(p)
     p.set_defaults(func=run)
 
@@ -126,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         args.base = args.model
     pipe = load_base_from_args(args)
+    settings = resolve_settings(pipe, settings, args.max_pixels)
+    if regions:
+        width, height = settings.size
+        print(f"canvas {width}x{height}, region mode {settings.region_mode}")
     concepts: dict[str, float] = {}
     scope = None
     if args.model:

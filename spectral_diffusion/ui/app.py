@@ -299,10 +299,10 @@ class _AppBuilder:
         @handler
         def generate(prompt: str, negative_prompt: str, concepts: dict | None, seed: float | None, steps: float,
                      guidance_scale: float, width: float, height: float, scheduler: str, num_images: float,
-                     regions: list[list] | None, region_feather: float, region_mode: str = "attention",
+                     regions: list[list] | None, region_feather: float, region_mode: str = "auto",
                      progress: gr.Progress = PROGRESS) -> tuple[list, int, str]:
             """Generate images; `concepts` maps concept names to weights, `regions` rows are
-            [prompt, x0, y0, x1, y1, negative prompt] with relative boxes, `region_mode` attention or latent."""
+            [prompt, x0, y0, x1, y1, negative prompt] with relative boxes, `region_mode` auto, attention or latent."""
             if concepts is not None and not isinstance(concepts, dict):
                 raise SpectralDiffusionError("concepts must map concept names to weights, e.g. {\"dogA\": 1.0}")
             settings = GenerationSettings(
@@ -311,7 +311,7 @@ class _AppBuilder:
                 seed=resolve_seed(None if seed is None else _whole(seed, "seed")),
                 size=(_whole(width, "width"), _whole(height, "height")), n=_whole(num_images, "number of images"),
                 regions=tuple(region_table.rows_to_regions(regions, region_feather)),
-                region_mode=region_mode or "attention")
+                region_mode=region_mode or "auto")
             progress(0, desc="Preparing")
             results = backend.generate(settings, concepts or {},
                                        on_step=lambda i, n: progress((i, n), desc="Denoising", unit="steps"))
@@ -337,24 +337,31 @@ class _AppBuilder:
             layout_buttons = [gr.Button(name, size="sm") for name in region_table.LAYOUTS]
             clear = gr.Button("Clear", size="sm")
         feather = gr.Slider(0.0, 0.25, value=0.05, step=0.01, label="Soft edge (fraction of the image side)")
-        mode = gr.Radio([("Cross-attention", "attention"), ("Latent windows", "latent")], value="attention",
-                        label="Region mode", elem_id="region-mode",
+        mode = gr.Radio([("Auto", "auto"), ("Cross-attention", "attention"), ("Latent windows", "latent")],
+                        value="auto", label="Region mode", elem_id="region-mode",
                         info="Cross-attention: each region's prompt in attention over the whole image. Latent "
                              "windows: each region denoised on its own crop, for models that draw one subject "
-                             "per image.")
+                             "per image. Auto: latent windows when every region is at least the model's native "
+                             "size, else cross-attention.")
         preview = gr.Image(region_table.preview([], int(width.value), int(height.value)), label="Layout",
                            interactive=False, height=240, format="png")
 
         for button in layout_buttons:
 
-            def use_layout(chosen: list[str] | None, layout: str = button.value) -> list[list]:
-                """The preset boxes, prompted with the chosen concepts' trigger and class word, in order."""
+            def use_layout(chosen: list[str] | None, width_now: float, height_now: float,
+                           layout: str = button.value) -> tuple[list[list], int, int]:
+                """The preset boxes, prompted with the chosen concepts' trigger and class word, in order, and the
+                canvas grown to fit them (`regions.layout_canvas`)."""
                 known = {c.name: c for c in backend.concepts()}
                 prompts = [" ".join(filter(None, [known[n].triggers[0], known[n].class_word]))
                            for n in chosen or [] if n in known]
-                return region_table.layout_rows(layout, prompts)
+                canvas = region_table.layout_canvas(layout, (int(width_now), int(height_now)),
+                                                    native_size(backend.pipe), size_multiple(backend.pipe),
+                                                    (int(width.maximum), int(height.maximum)))
+                return region_table.layout_rows(layout, prompts), *canvas
 
-            button.click(use_layout, pick, rows, api_visibility="private", queue=False)
+            button.click(use_layout, [pick, width, height], [rows, width, height], api_visibility="private",
+                         queue=False)
         clear.click(lambda: [], None, rows, api_visibility="private", queue=False)
         gr.on([rows.change, width.change, height.change], lambda r, w, h: region_table.preview(r, int(w), int(h)),
               [rows, width, height], preview, api_visibility="private", queue=False)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from PIL import Image, ImageDraw
 
 from spectral_diffusion.errors import SpectralDiffusionError, check_number
-from spectral_diffusion.regional import Region
+from spectral_diffusion.regional import Region, fitting_canvas
 
 HEADERS = ["prompt", "x0", "y0", "x1", "y1", "negative prompt"]
 DATATYPES = ["str", "number", "number", "number", "number", "str"]
@@ -52,11 +52,25 @@ def rows_to_regions(rows: Sequence[Sequence[object]] | None, feather: float = 0.
     return regions
 
 
+def _boxes(layout: str) -> list[tuple[float, ...]]:
+    """A preset layout's boxes as its rows hold them (4 decimals)."""
+    return [tuple(round(v, 4) for v in box) for box in LAYOUTS[layout]]
+
+
 def layout_rows(layout: str, prompts: Sequence[str]) -> list[list[object]]:
     """Rows for a preset layout, filled in order with `prompts` (blank where there are fewer prompts than boxes)."""
-    boxes = LAYOUTS[layout]
+    boxes = _boxes(layout)
     filled = list(prompts) + [""] * len(boxes)
-    return [[filled[i], *(round(v, 4) for v in box), ""] for i, box in enumerate(boxes)]
+    return [[filled[i], *box, ""] for i, box in enumerate(boxes)]
+
+
+def layout_canvas(layout: str, size: tuple[int, int], native: tuple[int, int], multiple: int,
+                  largest: tuple[int, int]) -> tuple[int, int]:
+    """`size` (width, height) grown where needed to the smallest canvas on which each box of `layout` spans the
+    model's `native` size (so region mode auto draws them in latent windows), each side at most `largest`'s."""
+    fit = fitting_canvas([Region("layout", box) for box in _boxes(layout)], native, multiple)
+    width, height = (min(top, max(have, need)) for have, need, top in zip(size, fit, largest, strict=True))
+    return width, height
 
 
 def preview(rows: Sequence[Sequence[object]] | None, width: int, height: int, side: int = 320) -> Image.Image:
