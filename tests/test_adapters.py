@@ -116,6 +116,18 @@ def test_fresh_adapter_is_bit_identical_to_base(variant: str, kind: str) -> None
     assert torch.equal(layer(x), expected)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+def test_a_wrapper_is_the_layer_type_it_wraps(kind: str) -> None:
+    """So PEFT (diffusers' load_lora_weights) takes a wrapped layer as it takes the plain one."""
+    base, _ = layer_and_input(kind)
+    layer = AdapterLayer(base)
+    assert isinstance(layer, type(base)) and layer.weight is base.weight
+    shape = ("in_features", "out_features") if kind == "linear" else ("in_channels", "kernel_size", "dilation")
+    assert all(getattr(layer, name) == getattr(base, name) for name in shape)
+    with pytest.raises(AttributeError):
+        layer.no_such_attribute  # noqa: B018
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fresh_injection_leaves_models_bit_identical(variant: str, cache: SVDCache) -> None:
     unet, text_encoder = tiny_unet(), tiny_text_encoder()

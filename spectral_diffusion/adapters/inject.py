@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from spectral_diffusion.adapters.config import AdapterConfig
@@ -21,7 +22,7 @@ from spectral_diffusion.adapters.layers import (
     is_adaptable,
     unwrap,
 )
-from spectral_diffusion.adapters.targets import components, find_targets
+from spectral_diffusion.adapters.targets import adaptable_layers, components, find_targets
 from spectral_diffusion.bands import band_columns, check_band_fits, conv_kernel, weight_matrix
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.svd_cache import SVDCache
@@ -92,12 +93,7 @@ def load_adapter(
 
 def adapter_layers(unet: nn.Module | None, text_encoder: nn.Module | None = None) -> dict[str, AdapterLayer]:
     """Every adapter wrapper in the models, by qualified layer name."""
-    return {
-        f"{prefix}.{path}": module
-        for prefix, model in components(unet, text_encoder).items()
-        for path, module in model.named_modules()
-        if isinstance(module, AdapterLayer)
-    }
+    return {name: m for name, m in adaptable_layers(unet, text_encoder).items() if isinstance(m, AdapterLayer)}
 
 
 def remove_adapters(unet: nn.Module | None, text_encoder: nn.Module | None) -> None:
@@ -175,6 +171,8 @@ def _find_layer(unet: nn.Module | None, text_encoder: nn.Module | None, layer_na
         module = model.get_submodule(path)
     except AttributeError:
         raise SpectralDiffusionError(f"layer {layer_name} does not exist in this base model") from None
+    if isinstance(module, BaseTunerLayer):  # a LoRA loaded by diffusers: the concept goes on the layer inside
+        module = module.get_base_layer()
     if not is_adaptable(module):
         raise SpectralDiffusionError(
             f"layer {layer_name} is a {type(module).__name__}, not an adaptable layer"
@@ -183,9 +181,13 @@ def _find_layer(unet: nn.Module | None, text_encoder: nn.Module | None, layer_na
 
 
 def _replace(unet: nn.Module | None, text_encoder: nn.Module | None, layer_name: str, new: nn.Module) -> None:
+    """Put `new` where layer `layer_name` is: inside the PEFT LoRA layers around it, if diffusers put any there."""
     model, path = _split(unet, text_encoder, layer_name)
     parent_path, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent_path), child, new)
+    parent = model.get_submodule(parent_path)
+    while isinstance(getattr(parent, child), BaseTunerLayer):
+        parent, child = getattr(parent, child), "base_layer"
+    setattr(parent, child, new)
 
 
 def _wrap(

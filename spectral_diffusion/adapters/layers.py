@@ -289,8 +289,13 @@ class AdapterLayer(nn.Module):
     """A frozen Linear / Conv2d plus any number of named adapters, each with its own scale.
 
     ``forward = base(x) + sum(scale_i * correction_i(x))`` over adapters that are not merged and have a
-    nonzero scale; corrections run in each adapter's dtype. ``weight``/``bias`` forward to the base layer
-    because diffusers reads e.g. ``attn.to_q.weight.dtype``.
+    nonzero scale; corrections run in each adapter's dtype.
+
+    ``AdapterLayer(linear)`` is a ``LinearAdapterLayer``, an ``nn.Linear`` (``AdapterLayer(conv)`` likewise an
+    ``nn.Conv2d``), and attributes it lacks (``weight``, ``in_features``, ``kernel_size``, ...) are the base layer's:
+    code that takes it for the layer it wraps gets what it needs. diffusers reads ``attn.to_q.weight.dtype``, and
+    PEFT (diffusers' ``load_lora_weights``) wraps it in a LoRA layer as it would the plain layer, so LoRAs load after
+    live concepts as they do before them (the adapter functions see through PEFT's layers, ``targets``).
 
     With ``merge_live`` set (inference with frozen adapters, e.g. live composition), the forward instead runs the
     base layer once with a dense weight ``W + sum scale_i dW_i``, so N concepts cost what the base costs. That
@@ -299,8 +304,13 @@ class AdapterLayer(nn.Module):
     the history of changes, and the base weight is never written. It costs one more copy of the layer's weight.
     """
 
+    def __new__(cls, base: nn.Module | None = None) -> AdapterLayer:
+        if cls is AdapterLayer:
+            cls = Conv2dAdapterLayer if isinstance(base, nn.Conv2d) else LinearAdapterLayer
+        return super().__new__(cls)
+
     def __init__(self, base: nn.Module) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not the Linear / Conv2d one: the base layer holds the weights
         weight_matrix(base)  # refuses layers the band math does not cover
         self.base = base
         self.adapters = nn.ModuleDict()
@@ -312,11 +322,23 @@ class AdapterLayer(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
+        # Who takes the weight from the wrapper may write it in place behind the cache's back: PEFT fuses a LoRA
+        # through `.data`, which bumps no version. The dense live weight is rebuilt on the next step.
+        self._live_weight = None
         return self.base.weight
 
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base")
+            if base is None:
+                raise
+            return getattr(base, name)
 
     def _adapter(self, name: str) -> Adapter:
         if name not in self.adapters:
@@ -422,6 +444,14 @@ class AdapterLayer(nn.Module):
             correction = adapter.correction(x.to(adapter.dtype), conv)
             y = torch.add(y, correction.to(y.dtype), alpha=scale)
         return y
+
+
+class LinearAdapterLayer(AdapterLayer, nn.Linear):
+    """An `AdapterLayer` around an `nn.Linear`."""
+
+
+class Conv2dAdapterLayer(AdapterLayer, nn.Conv2d):
+    """An `AdapterLayer` around an `nn.Conv2d`."""
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from spectral_diffusion.adapters.layers import AdapterLayer, is_adaptable
@@ -58,13 +59,20 @@ def components(unet: nn.Module | None, text_encoder: nn.Module | None) -> dict[s
 
 
 def adaptable_layers(unet: nn.Module | None, text_encoder: nn.Module | None) -> dict[str, nn.Module]:
-    """Every Linear / Conv2d (or existing adapter wrapper) by qualified name, not looking inside wrappers."""
+    """Every Linear / Conv2d (or existing adapter wrapper) by qualified name, not looking inside wrappers.
+
+    A LoRA that diffusers' `load_lora_weights` put on a layer (a PEFT tuner layer) is looked through: the layer it
+    wraps is listed under the layer's own name, so concepts find their layers whether LoRAs came first or not.
+    """
     found: dict[str, nn.Module] = {}
     for prefix, model in components(unet, text_encoder).items():
         wrapped: list[str] = []
         for path, module in model.named_modules():
             if any(path.startswith(w + ".") for w in wrapped):
                 continue
+            if isinstance(module, BaseTunerLayer):
+                module = module.get_base_layer()
+                wrapped.append(path)
             if isinstance(module, AdapterLayer):
                 wrapped.append(path)
             if path and is_adaptable(module):
