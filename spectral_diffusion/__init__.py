@@ -3,7 +3,7 @@
 The public API, importable from the package root; names load on first use, so `import spectral_diffusion`
 stays light (torch, diffusers and gradio are imported only by what needs them).
 
-    from spectral_diffusion import load_base, TrainConfig, train, fuse, Composer, generate, GenerationSettings
+    from spectral_diffusion import load_base, TrainConfig, train, load_concept_weights, generate, GenerationSettings
 """
 
 from __future__ import annotations
@@ -43,6 +43,14 @@ _EXPORTS: dict[str, str] = {
     "save_fused": "fusion",
     "FusionReport": "fusion",
     "Composer": "compose",
+    # concepts on a loaded pipeline, beside diffusers' load_lora_weights / set_adapters / fuse_lora
+    "load_concept_weights": "pipeline",
+    "set_concept_weights": "pipeline",
+    "get_concept_weights": "pipeline",
+    "unload_concept_weights": "pipeline",
+    "fuse_concepts": "pipeline",
+    "unfuse_concepts": "pipeline",
+    "prompt_tags": "pipeline",
     "GenerationSettings": "generation",
     "generate": "generation",
     "save_images": "generation",

@@ -25,6 +25,7 @@ from spectral_diffusion.concept_file import Concept, load_concept
 from spectral_diffusion.errors import check_number
 from spectral_diffusion.fusion import add_tokens, check_concepts
 from spectral_diffusion.loras import pristine_fingerprint
+from spectral_diffusion.tokens import resize_embeddings
 
 # Concept weights beyond this only saturate the image (and overflow in fp16); negative ones subtract a concept.
 MAX_WEIGHT = 100.0
@@ -90,6 +91,7 @@ class Composer:
                 self._live[path].weight = weight
         if not wanted:
             remove_adapters(self.pipe.unet, self.pipe.text_encoder)
+            resize_embeddings(self.pipe.text_encoder, len(self._tokenizer))  # the plain base: no rows of old tokens
 
     def _rebuild(self, wanted: Mapping[Path, float], entries: Mapping[Path, _Loaded]) -> None:
         """Load the live set afresh in one order (by path): adapters are summed, and tokens added, in that order,

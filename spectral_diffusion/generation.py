@@ -1,5 +1,9 @@
 """Generation: seeded sampling with a named scheduler, optional regional prompts, PNGs with A1111 metadata.
 
+`generate` returns plain PIL images, as a diffusers pipeline does; each carries its metadata where PIL keeps a
+PNG's text chunks, `image.info["parameters"]`, and the seed that reproduces it alone, `image.info["seed"]`, so
+`save_images` / `save_png` (and PIL itself, reading a saved PNG back) find them there.
+
 Image `i` of a run with seed `S` is drawn with its own generator seeded `S + i` (as A1111 does), so any single image
 can be reproduced alone from the seed written in its PNG. The `parameters` text chunk uses A1111's layout so the
 images read back in A1111, ComfyUI and civitai tools:
@@ -113,15 +117,6 @@ class GenerationSettings:
         check_region_mode(self.region_mode)
 
 
-@dataclass(frozen=True)
-class GeneratedImage:
-    """One image, the seed that reproduces it alone, and its A1111 `parameters` text."""
-
-    image: Image.Image
-    seed: int
-    parameters: str
-
-
 def native_size(pipe: StableDiffusionPipeline) -> tuple[int, int]:
     """(width, height) the UNet was trained at: its sample size times the VAE's downsampling."""
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -185,8 +180,9 @@ def resolve_settings(pipe: StableDiffusionPipeline, settings: GenerationSettings
 
 def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, *, model: str = "",
              concepts: Mapping[str, float] | None = None, scope: ConceptScope | None = None,
-             max_pixels: int = MAX_PIXELS, loras: Mapping[str, float] | None = None) -> list[GeneratedImage]:
-    """Sample `settings.n` images; `model`, `concepts` and `loras` (label -> weight) only go into the PNG metadata.
+             max_pixels: int = MAX_PIXELS, loras: Mapping[str, float] | None = None) -> list[Image.Image]:
+    """Sample `settings.n` PIL images, each with `info["parameters"]` (A1111's text) and `info["seed"]`; `model`,
+    `concepts` and `loras` (label -> weight) only go into that metadata.
 
     The canvas and region mode are those of `resolve_settings` (a canvas of more than `max_pixels` is refused).
 
@@ -214,8 +210,10 @@ def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, *, mod
                           num_images_per_prompt=settings.n, generator=generators, output_type="pil").images
     finally:
         pipe.scheduler = previous
-    return [GeneratedImage(img, s, infotext(settings, s, (width, height), model, concepts or {}, loras or {}))
-            for img, s in zip(images, seeds, strict=True)]
+    for image, seed in zip(images, seeds, strict=True):
+        image.info.update(parameters=infotext(settings, seed, (width, height), model, concepts or {}, loras or {}),
+                          seed=seed)
+    return images
 
 
 def canonical_settings(pipe: StableDiffusionPipeline, settings: GenerationSettings) -> GenerationSettings:
@@ -269,15 +267,22 @@ def infotext(settings: GenerationSettings, seed: int, size: tuple[int, int], mod
 _NAME = re.compile(r"(\d{5})-\d+\.png")
 
 
-def save_png(path: str | Path, image: Image.Image, parameters: str) -> Path:
-    """Write one PNG atomically under `path`, with A1111's `parameters` text chunk."""
+def _png_info(parameters: str) -> PngInfo:
     info = PngInfo()
     info.add_text("parameters", parameters)
+    return info
+
+
+def save_png(path: str | Path, image: Image.Image, parameters: str | None = None) -> Path:
+    """Write one PNG atomically under `path`, with A1111's `parameters` text chunk: `parameters`, else the image's
+    own (`image.info["parameters"]`, as `generate` sets it)."""
+    info = _png_info(image.info["parameters"] if parameters is None else parameters)
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
-def save_images(images: Sequence[GeneratedImage], out_dir: str | Path) -> list[Path]:
-    """Write `NNNNN-<seed>.png` files numbered after the highest index already in `out_dir`; never overwrites.
+def save_images(images: Sequence[Image.Image], out_dir: str | Path) -> list[Path]:
+    """Write `generate`'s images as `NNNNN-<seed>.png` files (with their `parameters`) numbered after the highest
+    index already in `out_dir`; never overwrites.
 
     Each PNG is written to a temporary file and hard-linked to its final name, which fails instead of clobbering a
     file that appeared meanwhile (the index is then bumped), so a reader never sees a half-written image.
@@ -286,16 +291,14 @@ def save_images(images: Sequence[GeneratedImage], out_dir: str | Path) -> list[P
     out.mkdir(parents=True, exist_ok=True)
     index = 1 + max((int(m[1]) for p in out.iterdir() if (m := _NAME.fullmatch(p.name))), default=-1)
     written = []
-    for item in images:
-        info = PngInfo()
-        info.add_text("parameters", item.parameters)
+    for image in images:
         tmp = out / f".png-{uuid.uuid4().hex[:12]}.tmp"
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # not mkstemp's 0600: umask applies
         try:
             with os.fdopen(fd, "wb") as handle:
-                item.image.save(handle, format="PNG", pnginfo=info)
+                image.save(handle, format="PNG", pnginfo=_png_info(image.info["parameters"]))
             while True:
-                path = out / f"{index:05d}-{item.seed}.png"
+                path = out / f"{index:05d}-{image.info['seed']}.png"
                 index += 1
                 try:
                     os.link(tmp, path)

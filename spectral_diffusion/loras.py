@@ -6,14 +6,14 @@ either order: the concepts' `AdapterLayer` wrappers are lifted off while diffuse
 layers, and their merged weight is rebuilt from the new base weight on the next step. The original weights of the
 layers a LoRA touched are kept, so every call starts again from the untouched base: the same LoRA set and weights
 give the same weights whatever the calls before. Concept files are still checked against the untouched base's
-fingerprint (`pristine_fingerprint`).
+fingerprint (`pristine_fingerprint`). Once no LoRA is left the originals are let go: the weights are the base
+again, and whoever changes them next (`pipeline.fuse_concepts`) changes the base that later LoRAs go onto.
 
-Prompts may name LoRAs A1111's way, `<lora:NAME:WEIGHT>` (`prompt_loras`): NAME is a file in a LoRA folder.
+Prompts may name LoRAs A1111's way, `<lora:NAME:WEIGHT>` (`pipeline.prompt_tags`): NAME is a file in a LoRA folder.
 """
 
 from __future__ import annotations
 
-import re
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -32,7 +32,6 @@ from spectral_diffusion.fingerprint import base_fingerprint
 
 # As concepts' weights (compose.MAX_WEIGHT): larger ones only saturate the image.
 MAX_LORA_WEIGHT = 100.0
-LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?>")
 
 
 @dataclass
@@ -68,44 +67,15 @@ def parse_lora_arg(text: str) -> tuple[Path, float]:
     name, sep, weight = text.rpartition(":")
     if not sep or Path(text).expanduser().is_file():
         return check_lora(text)
-    return check_lora(name, _number(weight, text))
+    return check_lora(name, parse_weight(weight, text))
 
 
-def _number(text: str, where: str) -> float:
+def parse_weight(text: str, where: str) -> float:
+    """The weight written `text` in `where` (a `FILE:W` argument, a `<lora:NAME:W>` tag), as a float."""
     try:
         return float(text)
     except ValueError:
-        raise SpectralDiffusionError(f"cannot read the LoRA weight {text!r} in {where!r}") from None
-
-
-def prompt_loras(prompt: str, lora_dir: str | Path) -> tuple[str, dict[Path, float]]:
-    """`prompt` without its `<lora:NAME:W>` tags, and the LoRAs they name (NAME or NAME.safetensors in `lora_dir`;
-    W defaults to 1), checked. The tags are removed with the spaces around them; a LoRA named twice is refused."""
-    loras: dict[Path, float] = {}
-    if not LORA_TAG.search(prompt):
-        return prompt, loras
-    for match in LORA_TAG.finditer(prompt):
-        name, weight = match[1].strip(), match[2]
-        file = Path(lora_dir) / (name if name.endswith(".safetensors") else f"{name}.safetensors")
-        if not file.is_file():
-            raise SpectralDiffusionError(f"{match[0]}: no LoRA {file.name} in {lora_dir}")
-        path, value = check_lora(file, 1.0 if weight is None or not weight.strip() else _number(weight, match[0]))
-        if path in loras:
-            raise SpectralDiffusionError(f"LoRA {name} is named twice in the prompt")
-        loras[path] = value
-    text = LORA_TAG.sub(" ", prompt)
-    return re.sub(r"\s+([,.;])", r"\1", " ".join(text.split())).strip(" ,"), loras
-
-
-def merge_loras(*sets: Mapping[Path, float]) -> dict[Path, float]:
-    """One LoRA set from several (e.g. `--lora` and the prompt's tags); a file in two of them is refused."""
-    merged: dict[Path, float] = {}
-    for loras in sets:
-        for path, weight in loras.items():
-            if path in merged:
-                raise SpectralDiffusionError(f"LoRA {path.name} is given twice")
-            merged[path] = weight
-    return merged
+        raise SpectralDiffusionError(f"cannot read the weight {text!r} in {where!r}") from None
 
 
 def pristine_fingerprint(pipe: StableDiffusionPipeline) -> str:
@@ -154,12 +124,14 @@ def set_loras(pipe: StableDiffusionPipeline, loras: Mapping[str | Path, float]) 
             if names:
                 pipe.unload_lora_weights()
     state.loras = wanted
+    if not wanted:
+        state.originals.clear()
 
 
 @contextmanager
 def _bare_layers(pipe: StableDiffusionPipeline) -> Iterator[None]:
-    """Inside the block, every `AdapterLayer` of the UNet and text encoder is replaced by its base layer (PEFT cannot
-    wrap it); the wrappers are put back afterwards."""
+    """Inside the block, every `AdapterLayer` of the UNet and text encoder is replaced by its base layer, so the
+    originals kept are those of the plain layers whatever concepts come and go; the wrappers are put back after."""
     lifted = [(parent, name, child) for model in (pipe.unet, pipe.text_encoder) for parent in model.modules()
               for name, child in parent.named_children() if isinstance(child, AdapterLayer)]
     for parent, name, wrapper in lifted:

@@ -14,7 +14,6 @@ from spectral_diffusion.concept_file import save_concept
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.generation import (
     MAX_SEED,
-    GeneratedImage,
     GenerationSettings,
     check_canvas,
     generate,
@@ -39,19 +38,19 @@ def test_same_seed_same_image_and_one_seed_per_image(tiny_pipe) -> None:
     settings = GenerationSettings("a photo of a dog", steps=2, seed=5, n=2, scheduler="euler_a")
     first = generate(tiny_pipe, settings)
     again = generate(tiny_pipe, settings)
-    assert [g.seed for g in first] == [5, 6]
-    assert all(np.array_equal(_pixels(a.image), _pixels(b.image)) for a, b in zip(first, again, strict=True))
+    assert [g.info["seed"] for g in first] == [5, 6]
+    assert all(np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(first, again, strict=True))
     alone = generate(tiny_pipe, GenerationSettings("a photo of a dog", steps=2, seed=6, scheduler="euler_a"))
-    assert np.abs(_pixels(alone[0].image) - _pixels(first[1].image)).max() <= 1
-    assert not np.array_equal(_pixels(first[0].image), _pixels(first[1].image))
+    assert np.abs(_pixels(alone[0]) - _pixels(first[1])).max() <= 1
+    assert not np.array_equal(_pixels(first[0]), _pixels(first[1]))
 
 
 def test_size_scheduler_and_pipeline_restored(tiny_pipe) -> None:
     scheduler = tiny_pipe.scheduler
     [native] = generate(tiny_pipe, GenerationSettings("a dog", steps=1, scheduler="ddim"))
-    assert native.image.size == native_size(tiny_pipe) == (16, 16)
+    assert native.size == native_size(tiny_pipe) == (16, 16)
     [wide] = generate(tiny_pipe, GenerationSettings("a dog", steps=1, size=(24, 16)))
-    assert wide.image.size == (24, 16)
+    assert wide.size == (24, 16)
     assert tiny_pipe.scheduler is scheduler
     with pytest.raises(SpectralDiffusionError, match="multiples of 8"):
         generate(tiny_pipe, GenerationSettings("a dog", steps=1, size=(15, 16)))
@@ -78,7 +77,8 @@ def test_a1111_parameters_text(tiny_pipe) -> None:
     settings = GenerationSettings("a <dogA> dog", negative="blurry", steps=3, guidance=7.5, scheduler="dpm++", seed=9,
                                   size=(16, 16), regions=(Region("a red cat", (0.0, 0.0, 0.5, 1.0), negative="blue"),))
     [image] = generate(tiny_pipe, settings, model="toy", concepts={"dogA.safetensors": 1.0, "catB.safetensors": 0.8})
-    assert image.parameters == (
+    assert isinstance(image, Image.Image) and image.info["seed"] == 9
+    assert image.info["parameters"] == (
         "a <dogA> dog\n"
         "Negative prompt: blurry\n"
         'Steps: 3, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 9, Size: 16x16, Model: toy, '
@@ -89,7 +89,9 @@ def test_a1111_parameters_text(tiny_pipe) -> None:
 def test_save_images_numbers_files_and_never_overwrites(tmp_path) -> None:
     image = Image.new("RGB", (4, 4), "red")
     (tmp_path / "00007-1.png").write_bytes(b"not mine")
-    items = [GeneratedImage(image, 3, "p\nSteps: 1"), GeneratedImage(image, 4, "q\nSteps: 1")]
+    items = [image.copy(), image.copy()]
+    for item, seed, parameters in zip(items, (3, 4), ("p\nSteps: 1", "q\nSteps: 1"), strict=True):
+        item.info.update(seed=seed, parameters=parameters)
     first = save_images(items, tmp_path)
     second = save_images(items[:1], tmp_path)
     assert [p.name for p in first + second] == ["00008-3.png", "00009-4.png", "00010-3.png"]
@@ -155,12 +157,12 @@ def test_auto_canvas_and_region_mode_are_resolved_recorded_and_reproduce(tiny_pi
     assert resolve_settings(tiny_pipe, replace(auto, size=(16, 16))).region_mode == "attention"
     assert resolve_settings(tiny_pipe, GenerationSettings("a dog")).size == (16, 16)  # no regions: native
     [image] = generate(tiny_pipe, auto)
-    assert image.image.size == (32, 16)
-    assert "Size: 32x16," in image.parameters and image.parameters.endswith("Region mode: latent")
+    assert image.size == (32, 16)
+    assert "Size: 32x16," in image.info["parameters"] and image.info["parameters"].endswith("Region mode: latent")
     [again] = generate(tiny_pipe, replace(auto, size=(32, 16), region_mode="latent"))  # from the metadata
-    assert again.parameters == image.parameters and np.array_equal(_pixels(again.image), _pixels(image.image))
+    assert again.info == image.info and np.array_equal(_pixels(again), _pixels(image))
     [shared] = generate(tiny_pipe, replace(auto, size=(32, 16), region_mode="attention"))
-    assert not np.array_equal(_pixels(shared.image), _pixels(image.image))
+    assert not np.array_equal(_pixels(shared), _pixels(image))
     narrow = (Region("a red cat", (0.0, 0.0, 0.01, 1.0)),)
     with pytest.raises(SpectralDiffusionError, match=r"^size 1552x16 \(the smallest canvas on which every region "
                                                      r"spans the model's native 16x16\) is 24832 pixels, over the "
@@ -215,7 +217,7 @@ def test_canvas_is_bounded(tiny_pipe) -> None:
     with pytest.raises(SpectralDiffusionError, match="over the limit of 255 .*--max-pixels"):
         generate(tiny_pipe, GenerationSettings("a dog", steps=1), max_pixels=255)  # native 16x16 = 256 pixels
     [image] = generate(tiny_pipe, GenerationSettings("a dog", steps=1), max_pixels=256)
-    assert image.image.size == (16, 16)
+    assert image.size == (16, 16)
 
 
 @pytest.mark.parametrize(("args", "message"), [

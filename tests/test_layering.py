@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("svd_cache", "models"),
     ("adapters",),
     ("fingerprint", "concept_file", "sidecar", "tokens", "export", "band_registry"),
-    ("fusion", "compose", "loras", "generation"),
+    ("fusion", "compose", "loras", "generation", "pipeline"),
     ("training",),
     ("testing",),
     ("ui",),

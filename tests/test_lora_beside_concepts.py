@@ -1,4 +1,6 @@
-"""Ordinary LoRAs beside live concepts: Python in either order, `generate --lora`, `<lora:name:w>`, PNG metadata."""
+"""Ordinary LoRAs beside live concepts: Python in either order, `generate --lora`, `<lora:name:w>`, PNG metadata.
+
+diffusers' own LoRA calls beside the concept verbs: tests/test_pipeline.py."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from spectral_diffusion.concept_file import save_concept
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.export import export_lora
 from spectral_diffusion.generation import GenerationSettings, generate
-from spectral_diffusion.loras import fused_loras, parse_lora_arg, prompt_loras, set_loras
+from spectral_diffusion.loras import fused_loras, parse_lora_arg, set_loras
+from spectral_diffusion.pipeline import prompt_tags
 from spectral_diffusion.testing.tiny_sd import random_concept
 
 SETTINGS = GenerationSettings("a photo of <dogA> dog", steps=2, seed=3)
@@ -35,7 +38,7 @@ def files(tmp_path, tiny_pipe) -> tuple[Path, Path]:
 
 
 def _image(pipe) -> np.ndarray:
-    return np.asarray(generate(pipe, SETTINGS)[0].image, dtype=np.int16)
+    return np.asarray(generate(pipe, SETTINGS)[0], dtype=np.int16)
 
 
 def test_concept_and_lora_together_in_either_order(files, tiny_pipe, tiny_model_dir) -> None:
@@ -71,11 +74,15 @@ def test_lora_arguments_and_prompt_tags(files, tmp_path) -> None:
     _, lora = files
     assert parse_lora_arg(f"{lora}:0.5") == (lora.resolve(), 0.5)
     assert parse_lora_arg(str(lora)) == (lora.resolve(), 1.0)
-    assert prompt_loras("a dog, <lora:style:0.7> in snow", tmp_path / "loras") == (
-        "a dog, in snow", {lora.resolve(): 0.7})
-    assert prompt_loras("a  dog", tmp_path / "loras") == ("a  dog", {})
+    assert prompt_tags("a dog, <lora:style:0.7> in snow", lora_dir=tmp_path / "loras") == (
+        "a dog, in snow", {lora.resolve(): 0.7}, {})
+    assert prompt_tags("a  dog", lora_dir=tmp_path / "loras") == ("a  dog", {}, {})
     with pytest.raises(SpectralDiffusionError, match="no LoRA missing.safetensors in"):
-        prompt_loras("<lora:missing:1>", tmp_path / "loras")
+        prompt_tags("<lora:missing:1>", lora_dir=tmp_path / "loras")
+    with pytest.raises(SpectralDiffusionError, match="LoRA name '../style' leads outside"):
+        prompt_tags("<lora:../style:1>", lora_dir=tmp_path / "loras")
+    with pytest.raises(SpectralDiffusionError, match="cannot read the weight 'x' in '<lora:style:x>'"):
+        prompt_tags("<lora:style:x>", lora_dir=tmp_path / "loras")
     with pytest.raises(SpectralDiffusionError, match="LoRA file nope.safetensors does not exist"):
         parse_lora_arg("nope.safetensors:1")
     with pytest.raises(SpectralDiffusionError, match="the weight of LoRA style.safetensors"):
@@ -140,6 +147,6 @@ def test_app_backend_resolves_prompt_loras_in_its_loras_folder(files, tmp_path, 
     [(_, tagged)] = backend.generate(replace(SETTINGS, prompt="a photo of <lora:style:0.8> <dogA> dog"),
                                      {"dogA": 1.0})
     [(_, plain)] = backend.generate(SETTINGS, {"dogA": 1.0})
-    assert tagged.parameters.startswith("a photo of <doga> dog\n")
-    assert 'Loras: "style.safetensors: 0.8"' in tagged.parameters and "Loras" not in plain.parameters
-    assert not np.array_equal(np.asarray(tagged.image), np.asarray(plain.image))
+    assert tagged.info["parameters"].startswith("a photo of <doga> dog\n")
+    assert 'Loras: "style.safetensors: 0.8"' in tagged.info["parameters"] and "Loras" not in plain.info["parameters"]
+    assert not np.array_equal(np.asarray(tagged), np.asarray(plain))

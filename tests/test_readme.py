@@ -67,3 +67,21 @@ def test_readme_commands_run_on_the_tiny_model(tiny_model_dir, tmp_path, monkeyp
         assert "Size: 32x16," in text and text.endswith("Region mode: latent"), text
     assert (tmp_path / "loras" / "<housea>.safetensors").is_file()  # the exported LoRA's embedding, by its trigger
     assert (tmp_path / "fused-model" / "model_index.json").is_file()
+
+
+def test_readme_python_api_runs_on_the_tiny_model(tiny_model_dir, tmp_path, monkeypatch, capsys) -> None:
+    """README's "Python API" block as printed, on the tiny model with 2 training steps."""
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"## Python API\s+```python\n(.*?)```", text, flags=re.S).group(1)
+    for old, new in (('load_base("toy")', f"load_base({str(tiny_model_dir)!r})"), ("steps=800", "steps=2")):
+        assert old in code
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SPECTRAL_DIFFUSION_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "concepts").symlink_to(ROOT / "concepts")
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert capsys.readouterr().out.startswith("(16, 16) a photo of <fisha> fish\nSteps: 20, ")
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["00000-1.png", "00001-2.png"]
+    assert namespace["report"].method == "spectral" and namespace["report"].weights == [0.8]
+    assert (tmp_path / "trained" / "fishA.safetensors").is_file()

@@ -15,7 +15,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from spectral_diffusion.adapters import remove_adapters
+from spectral_diffusion.adapters import adapter_layers
 from spectral_diffusion.cli import main
 from spectral_diffusion.concept_file import load_concept
 from spectral_diffusion.errors import SpectralDiffusionError
@@ -61,8 +61,9 @@ def _base_weights(pipe: StableDiffusionPipeline) -> dict[str, torch.Tensor]:
             for k, v in getattr(pipe, name).state_dict().items()}
 
 
-def test_only_adapters_and_new_token_rows_change(tiny_pipe: StableDiffusionPipeline, photos: Path,
-                                                  tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_only_adapters_and_new_token_rows_change_and_the_pipeline_comes_back(tiny_pipe: StableDiffusionPipeline,
+                                                                             photos: Path, tmp_path: Path,
+                                                                             tiny_model_dir: Path) -> None:
     before = _base_weights(tiny_pipe)
     vocab = len(tiny_pipe.tokenizer)
     out = train(_config(photos, tmp_path / "dogA.safetensors", tiny_model_dir, steps=3, lr_text=1e-3,
@@ -75,14 +76,13 @@ def test_only_adapters_and_new_token_rows_change(tiny_pipe: StableDiffusionPipel
     trained = {k: v for state in concept.layers.values() for k, v in state.items() if k in ("A", "B", "c")}
     assert trained and all(v.abs().sum() > 0 for v in trained.values())  # every trainable moved off zero
     assert any(name.startswith("text_encoder.") for name in concept.layers)
-    remove_adapters(tiny_pipe.unet, tiny_pipe.text_encoder)
+    # The given pipeline comes back as it came: no adapter, token or embedding row of the run, weights untouched.
+    assert not adapter_layers(tiny_pipe.unet, tiny_pipe.text_encoder) and len(tiny_pipe.tokenizer) == vocab
     after = _base_weights(tiny_pipe)
-    (emb_key,) = [k for k in before if k.endswith("token_embedding.weight")]
     assert after.keys() == before.keys()
     for key, value in before.items():
-        current = after[key][:vocab] if key == emb_key else after[key]
-        assert torch.equal(current, value), key
-    assert torch.equal(after[emb_key][vocab:], concept.token_embeddings)
+        assert torch.equal(after[key], value), key
+    assert concept.token_embeddings.shape == (2, tiny_pipe.text_encoder.config.hidden_size)
     assert concept.meta.token_names == ["<doga>", "<doga>_1"] and concept.meta.band == 0
 
 
@@ -320,6 +320,8 @@ def test_a_failed_final_write_keeps_the_training_for_resume(tiny_pipe: StableDif
                                                      r"the training state of step 2 is kept in .*--resume"):
         train(_config(photos, out, tiny_model_dir), pipe=tiny_pipe)
     assert not out.exists() and checkpoint_dir(out).is_dir()
+    assert not adapter_layers(tiny_pipe.unet, tiny_pipe.text_encoder)  # handed back after a failure too
+    assert "<doga>" not in tiny_pipe.tokenizer.get_vocab()
     monkeypatch.undo()
     assert train(_config(photos, out, tiny_model_dir, resume=True)) == out
     assert load_concept(out).meta.training["steps"] == 2 and not checkpoint_dir(out).exists()

@@ -30,7 +30,7 @@ def _ours(tiny_model_dir: Path, concept: Path, prompt: str) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
     Composer(pipe).set_concepts({concept: 1.0})
     (image,) = generate(pipe, GenerationSettings(prompt=prompt, **SETTINGS))
-    return np.asarray(image.image, dtype=np.float32)
+    return np.asarray(image, dtype=np.float32)
 
 
 def _diffusers(tiny_model_dir: Path, prompt: str, lora: Path | None = None, embedding: Path | None = None) -> np.ndarray:

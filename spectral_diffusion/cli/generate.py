@@ -23,8 +23,9 @@ from spectral_diffusion.generation import (
     resolve_settings,
     save_images,
 )
-from spectral_diffusion.loras import merge_loras, parse_lora_arg, prompt_loras, set_loras
+from spectral_diffusion.loras import parse_lora_arg, set_loras
 from spectral_diffusion.models import add_base_arguments, load_base_from_args
+from spectral_diffusion.pipeline import CONCEPTS_DIR, merge_weights, prompt_tags
 from spectral_diffusion.progress import is_terminal
 from spectral_diffusion.regional import REGION_MODE_CHOICES, parse_region
 
@@ -44,6 +45,8 @@ printed and recorded in the metadata.
 LoRAs: --lora FILE[:W] (repeatable; PEFT, kohya or LoCon .safetensors as diffusers loads them, weight 1 by default)
 or A1111's <lora:NAME:W> in --prompt, NAME being NAME.safetensors in --lora-dir (the tag is removed from the text the
 model sees). LoRAs are fused into the base weights, beside any live --concepts, and recorded in the metadata.
+Likewise <concept:NAME:W> in --prompt applies NAME.safetensors of --concepts-dir live at weight W (default 1), as
+--concepts NAME.safetensors --weights W would, and is recorded the same way.
 
 Each PNG records its settings in A1111's "parameters" text chunk; image i of a run uses seed S+i, so any image
 can be remade alone; --seed -1 draws a random seed (as the app does). Files are numbered after those already in
@@ -69,6 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="an ordinary LoRA file and its weight (default 1), applied with the concepts (repeatable)")
     p.add_argument("--lora-dir", default="loras", metavar="DIR",
                    help="folder of the LoRAs that <lora:NAME:W> in --prompt names (default: loras)")
+    p.add_argument("--concepts-dir", default=CONCEPTS_DIR, metavar="DIR",
+                   help=f"folder of the concepts that <concept:NAME:W> in --prompt names (default: {CONCEPTS_DIR}, "
+                        "as the app's)")
     p.add_argument("--seed", type=int, default=0,
                    help=f"seed of the first image, 0..{MAX_SEED} or -1 for a random one; image i uses seed+i "
                         "(default: 0)")
@@ -107,8 +113,6 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.model and args.concepts:
-        raise SpectralDiffusionError("--concepts are composed on the base they were trained on: use --base, not --model")
     if args.weights is not None and len(args.weights) != len(args.concepts):
         raise SpectralDiffusionError(f"{len(args.weights)} weights given for {len(args.concepts)} concepts")
     weights = [check_weight(w, c) for c, w in zip(args.concepts, args.weights or [1.0] * len(args.concepts),
@@ -124,13 +128,18 @@ def run(args: argparse.Namespace) -> int:
     negatives = args.region_negative + [None] * (len(args.region) - len(args.region_negative))
     regions = tuple(parse_region(spec, negative=neg or None, feather=args.feather)
                     for spec, neg in zip(args.region, negatives, strict=True))
-    prompt, tagged = prompt_loras(args.prompt, args.lora_dir)
-    loras = merge_loras(*(dict([parse_lora_arg(spec)]) for spec in args.lora), tagged)
-    settings = GenerationSettings(prompt=prompt, negative=args.negative, steps=args.steps,
-                                  guidance=args.guidance, scheduler=args.sampler, seed=resolve_seed(args.seed),
-                                  size=args.size, n=args.n, regions=regions, region_mode=args.region_mode)
+    tags = prompt_tags(args.prompt, lora_dir=args.lora_dir, concepts_dir=args.concepts_dir)
+    if args.model and (args.concepts or tags.concepts):
+        raise SpectralDiffusionError("concepts (--concepts, <concept:...>) are composed on the base they were trained "
+                                     "on: use --base, not --model")
+    loras = merge_weights("LoRA", *(dict([parse_lora_arg(spec)]) for spec in args.lora), tags.loras)
     for concept in args.concepts:  # a missing or foreign file is said before the (slow) base model loads
         read_meta(concept)
+    given = {Path(c).expanduser().absolute(): w for c, w in zip(args.concepts, weights, strict=True)}
+    live = merge_weights("concept", given, tags.concepts)
+    settings = GenerationSettings(prompt=tags.prompt, negative=args.negative, steps=args.steps,
+                                  guidance=args.guidance, scheduler=args.sampler, seed=resolve_seed(args.seed),
+                                  size=args.size, n=args.n, regions=regions, region_mode=args.region_mode)
     if args.model:
         args.base = args.model
     pipe = load_base_from_args(args)
@@ -144,10 +153,10 @@ def run(args: argparse.Namespace) -> int:
         fusion = read_fusion_json(args.model) or {}
         concepts = {Path(c["path"]).name if c.get("path") else c["token"]: c["weight"]
                     for c in fusion.get("concepts", [])}
-    elif args.concepts:
+    elif live:
         composer = Composer(pipe)
-        composer.set_concepts(dict(zip(args.concepts, weights, strict=True)))
-        concepts = {Path(c).name: w for c, w in zip(args.concepts, weights, strict=True)}
+        composer.set_concepts(live)
+        concepts = {path.name: weight for path, weight in live.items()}
         scope = composer.scope
     set_loras(pipe, loras)
     model = Path(args.model).name if args.model else args.base

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw, ImageFont
 
 from spectral_diffusion.atomic import atomic_write
@@ -157,9 +158,11 @@ def _reusable(path: Path, config: TrainConfig, band: int, fingerprint: str) -> b
     return True
 
 
-def train_concepts(config: DemoConfig, photos: dict[str, Path], fingerprint: str,
+def train_concepts(config: DemoConfig, photos: dict[str, Path], pipe: StableDiffusionPipeline,
                    log: Callable[[str], None]) -> dict[str, Path]:
-    """Concept `i` of `config.concepts` trained in band `i`, or reused from an earlier run."""
+    """Concept `i` of `config.concepts` trained in band `i` on `pipe` (the base, handed back unchanged), or reused
+    from an earlier run."""
+    fingerprint = base_fingerprint(pipe.unet, pipe.text_encoder)
     paths = {}
     for band, name in enumerate(config.concepts):
         out = config.out / "concepts" / f"{name}.safetensors"
@@ -170,7 +173,7 @@ def train_concepts(config: DemoConfig, photos: dict[str, Path], fingerprint: str
             log(f"reusing {out}")
         else:
             start = time.perf_counter()
-            train(train_config)
+            train(train_config, pipe)
             log(f"trained {name} in band {band} ({config.steps} steps, {time.perf_counter() - start:.0f} s): {out}")
         paths[name] = out
     return paths
@@ -182,7 +185,7 @@ def save_scored_images(folder: Path, kind: str, scores: Sequence[ConceptScore | 
         name = score.concept if isinstance(score, ConceptScore) else f"{score.left}+{score.right}"
         for k, item in enumerate(score.images):
             variant = "" if isinstance(score, RegionalScore) or k < len(score.images) // 2 else "-new-background"
-            save_png(folder / f"{kind}-{name}{variant}-{item.seed}.png", item.image, item.parameters)
+            save_png(folder / f"{kind}-{name}{variant}-{item.info['seed']}.png", item)
 
 
 def labelled_grid(rows: Sequence[tuple[str, Sequence[tuple[Image.Image, str]]]], cell: int = 128) -> Image.Image:
@@ -216,16 +219,16 @@ def _grid_rows(config: DemoConfig, photos: dict[str, Path], result: DemoResult, 
         half = len(fused.images) // 2
         with Image.open(sorted(photos[name].glob("*.png"))[0]) as photo:
             cells = [(photo.convert("RGB"), "a photo")]
-        cells += [(g.image, f"own model #{g.seed}") for g in single.images[:per_kind]]
-        cells += [(g.image, f"fused #{g.seed}") for g in fused.images[:per_kind]]
-        cells += [(g.image, f"fused, {config.new_background}") for g in fused.images[half:half + per_kind]]
+        cells += [(g, f"own model #{g.info['seed']}") for g in single.images[:per_kind]]
+        cells += [(g, f"fused #{g.info['seed']}") for g in fused.images[:per_kind]]
+        cells += [(g, f"fused, {config.new_background}") for g in fused.images[half:half + per_kind]]
         rows.append((f"{concept_token(name)} ({concepts.get_concept(name).description}): identity "
                      f"{single.identity:.2f} alone, {fused.identity:.2f} fused", cells))
     for scoped in (False, True):
         scores = [r for r in result.regional if r.scoped == scoped]
         if scores:
             rows.append((f"two regional prompts (left | right), {_model(scores[0])}: both recognised in their halves "
-                         "in", [(r.images[0].image, f"{_word(r.left)} | {_word(r.right)}: {r.success:.0%} of seeds")
+                         "in", [(r.images[0], f"{_word(r.left)} | {_word(r.right)}: {r.success:.0%} of seeds")
                                 for r in scores]))
     return rows
 
@@ -249,8 +252,7 @@ def run_demo(config: DemoConfig, judge: Judge | None = None, log: Callable[[str]
     out = Path(config.out)
     photos = write_photos(config.concepts, out / "photos")
     pipe = load_base(config.base, device=config.device)
-    fingerprint = base_fingerprint(pipe.unet, pipe.text_encoder)
-    paths = train_concepts(config, photos, fingerprint, log)
+    paths = train_concepts(config, photos, pipe, log)
     timings["train"] = time.perf_counter() - start
 
     sampling = Sampling(steps=config.sample_steps, guidance=config.guidance, n=config.seeds)

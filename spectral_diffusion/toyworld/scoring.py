@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from spectral_diffusion.generation import GeneratedImage, GenerationSettings, generate, native_size
+from spectral_diffusion.generation import GenerationSettings, generate, native_size
 from spectral_diffusion.regional import ConceptScope, Region
 from spectral_diffusion.toyworld import concepts
 from spectral_diffusion.toyworld.judge import LABELS, Judge
@@ -69,7 +69,7 @@ class ConceptScore:
     identity: float
     fidelity: float
     new_background_identity: float
-    images: list[GeneratedImage] = field(default_factory=list, repr=False)
+    images: list[Image.Image] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, float | str]:
         return {"concept": self.concept, "identity": self.identity, "fidelity": self.fidelity,
@@ -86,7 +86,7 @@ class RegionalScore:
     success: float
     left_identity: float
     right_identity: float
-    images: list[GeneratedImage] = field(default_factory=list, repr=False)
+    images: list[Image.Image] = field(default_factory=list, repr=False)
     scoped: bool = False  # live concepts, each applied only in its own region
 
     def to_dict(self) -> dict[str, float | str | bool]:
@@ -103,9 +103,8 @@ def score_concept(pipe: StableDiffusionPipeline, judge: Judge, name: str, sampli
     label = {concept_token(name): 1.0}
     own = generate(pipe, sampling.settings(concept_prompt(name, IDENTITY_BACKGROUND)), model=model, concepts=label)
     new = generate(pipe, sampling.settings(concept_prompt(name, new_background)), model=model, concepts=label)
-    own_images, new_images = [g.image for g in own], [g.image for g in new]
-    return ConceptScore(name, judge.identity_score(own_images, name), judge.background_match(new_images, new_background),
-                        judge.identity_score(new_images, name), own + new)
+    return ConceptScore(name, judge.identity_score(own, name), judge.background_match(new, new_background),
+                        judge.identity_score(new, name), own + new)
 
 
 def halves(image: Image.Image) -> tuple[Image.Image, Image.Image]:
@@ -128,7 +127,7 @@ def score_regional(pipe: StableDiffusionPipeline, judge: Judge, left: str, right
     settings = sampling.settings(prompt, size=(2 * width, height), regions=regions, region_mode=mode)
     images = generate(pipe, settings, model=model, concepts={concept_token(left): 1.0, concept_token(right): 1.0},
                       scope=scope)
-    split = [halves(g.image) for g in images]
+    split = [halves(image) for image in images]
     probs = {side: judge.predict([pair[k] for pair in split])["concept"] for k, side in enumerate(("left", "right"))}
     index = {"left": LABELS["concept"].index(left), "right": LABELS["concept"].index(right)}
     hit = {side: p.argmax(dim=1) == index[side] for side, p in probs.items()}

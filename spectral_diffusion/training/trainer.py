@@ -10,6 +10,7 @@ a checkpoint ends with exactly the weights of an uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import signal
@@ -31,10 +32,18 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import compute_snr
 from diffusers.utils import make_image_grid
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 from safetensors import SafetensorError
 from torch import nn
 
-from spectral_diffusion.adapters import adapter_state, conv_kernels, inject_adapters, trainable_parameters
+from spectral_diffusion.adapters import (
+    adapter_layers,
+    adapter_state,
+    conv_kernels,
+    inject_adapters,
+    remove_adapters,
+    trainable_parameters,
+)
 from spectral_diffusion.adapters.inject import adapter_disabled
 from spectral_diffusion.adapters.targets import is_text_fed
 from spectral_diffusion.band_registry import choose_band
@@ -53,6 +62,7 @@ from spectral_diffusion.tokens import (
     default_norm_cap,
     expand_prompt,
     initial_embeddings,
+    resize_embeddings,
     token_ids,
 )
 from spectral_diffusion.training.checkpoint import (
@@ -171,8 +181,10 @@ def _accelerator(mixed_precision: str, grad_accum: int, cpu: bool) -> Accelerato
 class Trainer:
     """One training run. `Trainer(config).run()` (or `train(config)`) writes the concept file and returns its path.
 
-    `pipe` lets a caller that already holds the base model (the app, tests) train on it: it is modified in place
-    (tokens added, adapters injected and left there, so it can sample the new concept right away).
+    `pipe` lets a caller that already holds the base model train on it instead of loading `config.base` again: a
+    plain base (no live concepts), changed in place while training and handed back as it came when `run` ends,
+    however it ends (adapter, token and embedding rows taken off; its weights stay frozen), ready for the next run
+    or for loading the new concept (`pipeline.load_concept_weights`).
     """
 
     def __init__(self, config: TrainConfig, pipe: StableDiffusionPipeline | None = None,
@@ -198,14 +210,23 @@ class Trainer:
         self.checkpoint = load_latest(self.ckpt_dir) if config.resume else None
         if config.resume and self.checkpoint is None:
             log.warning("no checkpoint in %s: starting from the beginning", self.ckpt_dir)
+        self._given: tuple[Any, int] | None = None  # a caller's pipeline: its tokenizer and embedding rows
         if pipe is None:
             pipe = load_base(config.base, device=str(self.accelerator.device), dtype=self.weight_dtype,
                              allow_pickle=config.allow_pickle, config=config.base_config)
         else:
+            if adapter_layers(pipe.unet, pipe.text_encoder):
+                raise SpectralDiffusionError("the pipeline has live concepts or adapters; train on the plain base "
+                                             "(pipeline.unload_concept_weights(pipe))")
             pipe.to(self.accelerator.device)
             self.weight_dtype = pipe.unet.dtype
+            self._given = (copy.deepcopy(pipe.tokenizer), pipe.text_encoder.get_input_embeddings().num_embeddings)
         self.pipe = pipe
-        self._setup()
+        try:
+            self._setup()
+        except BaseException:
+            self._hand_back()
+            raise
 
     # ---- setup ---------------------------------------------------------------------------------------------
 
@@ -444,8 +465,26 @@ class Trainer:
             self.embeddings.cap_norms(self.norm_cap)
         return sum(losses) / len(losses)
 
+    def _hand_back(self) -> None:
+        """A caller's pipeline as it came: no adapter, embedding hook, token or embedding row of this run."""
+        if self._given is None:
+            return
+        tokenizer, rows = self._given
+        if hasattr(self, "embeddings"):
+            self.embeddings.remove()
+        remove_adapters(self.pipe.unet, self.pipe.text_encoder)
+        self.pipe.tokenizer = tokenizer
+        resize_embeddings(self.pipe.text_encoder, rows)
+        self._given = None
+
     def run(self) -> Path:
         """Train to `config.steps`, checkpointing on schedule and on Ctrl-C; write the concept; return its path."""
+        try:
+            return self._run()
+        finally:
+            self._hand_back()
+
+    def _run(self) -> Path:
         config = self.config
         step = self.start_step
         bar = StepProgress(config.steps, initial=step, desc=f"training {config.token}",
@@ -506,7 +545,7 @@ class Trainer:
     def default_prompt(self) -> str:
         return fill_caption(CONCEPT_TEMPLATE, self.config.token, self.config.class_word)
 
-    def _sample(self, prompt: str, n: int) -> list:
+    def _sample(self, prompt: str, n: int) -> list[Image.Image]:
         self.model.eval()
         try:
             settings = GenerationSettings(prompt=prompt, steps=self.config.sample_steps, seed=self.config.seed, n=n,
@@ -521,7 +560,7 @@ class Trainer:
         folder = self.out.with_name(self.out.stem + "_samples")
         for i, prompt in enumerate(self.config.validation_prompts):
             (sample,) = self._sample(prompt, 1)
-            save_png(folder / f"step-{step:06d}-{i}.png", sample.image, sample.parameters)
+            save_png(folder / f"step-{step:06d}-{i}.png", sample)
 
     def _finish(self) -> Path:
         self.accelerator.wait_for_everyone()
@@ -573,7 +612,7 @@ class Trainer:
         if n == 0:
             return None
         prompts = list(self.config.validation_prompts) or [self.default_prompt()]
-        images = [g.image for p in prompts for g in self._sample(p, n)]
+        images = [image for p in prompts for image in self._sample(p, n)]
         return save_png(preview_path(self.out), make_image_grid(images, rows=len(prompts), cols=n), "\n".join(prompts))
 
     def _write_sidecar(self, meta: ConceptMeta, preview: Path | None) -> None:
@@ -590,5 +629,9 @@ def _spec_for_listing(spec: str) -> str:
 
 def train(config: TrainConfig, pipe: StableDiffusionPipeline | None = None,
           on_step: Callable[[StepInfo], None] | None = None) -> Path:
-    """Train a concept as `config` says and return the path of the concept file written."""
+    """Train a concept as `config` says and return the path of the concept file written.
+
+    `pipe`: the base model already loaded, trained on instead of loading `config.base` a second time and handed back
+    unchanged (`Trainer`), so the new concept loads on it next: `load_concept_weights(pipe, train(config, pipe))`.
+    """
     return Trainer(config, pipe, on_step).run()

@@ -28,7 +28,6 @@ from spectral_diffusion.fusion import OUTPUT_FORMATS as FUSION_FORMATS
 from spectral_diffusion.generation import (
     MAX_PIXELS,
     SCHEDULERS,
-    GeneratedImage,
     GenerationSettings,
     native_size,
     resolve_seed,
@@ -103,10 +102,10 @@ def _whole(value: object, what: str) -> int:
     return int(number)
 
 
-def caption(settings: GenerationSettings, image: GeneratedImage) -> str:
-    """The gallery caption of one result: what differs between runs, short."""
-    width, height = image.image.size
-    return (f"seed {image.seed} · {settings.steps} steps · CFG {settings.guidance:g} · "
+def caption(settings: GenerationSettings, image: Image.Image) -> str:
+    """The gallery caption of one result (an image `generate` returned): what differs between runs, short."""
+    width, height = image.size
+    return (f"seed {image.info['seed']} · {settings.steps} steps · CFG {settings.guidance:g} · "
             f"{SCHEDULERS[settings.scheduler][2]} · {width}x{height}")
 
 
@@ -316,7 +315,7 @@ class _AppBuilder:
             results = backend.generate(settings, concepts or {},
                                        on_step=lambda i, n: progress((i, n), desc="Denoising", unit="steps"))
             return ([(str(path), caption(settings, image)) for path, image in results], settings.seed,
-                    "\n\n".join(image.parameters for _, image in results))
+                    "\n\n".join(image.info["parameters"] for _, image in results))
 
         run.click(generate, [prompt, negative, weights, seed, steps, guidance, width_in, height_in, scheduler,
                              count, rows, feather, region_mode], [gallery, used_seed, info], api_name="generate")

@@ -19,15 +19,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
 from spectral_diffusion.compose import Composer, check_weight
 from spectral_diffusion.concept_file import canonical_token
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.export import Exported, export_lora, textual_inversion_path
 from spectral_diffusion.fusion import FusionReport, fuse, save_fused
-from spectral_diffusion.generation import GeneratedImage, GenerationSettings, generate, save_images
-from spectral_diffusion.loras import prompt_loras, set_loras
+from spectral_diffusion.generation import GenerationSettings, generate, save_images
+from spectral_diffusion.loras import set_loras
 from spectral_diffusion.models import DTYPES, load_base
+from spectral_diffusion.pipeline import merge_weights, prompt_tags
 from spectral_diffusion.training.trainer import StepInfo, TrainConfig, train
 from spectral_diffusion.ui.concepts import ConceptInfo, list_concepts, read_concept_info
 from spectral_diffusion.ui.uploads import check_images, child_path
@@ -150,17 +152,20 @@ class Backend:
     # ---- generation ----------------------------------------------------------------------------------------
 
     def generate(self, settings: GenerationSettings, concepts: Mapping[str, float],
-                 on_step: Callable[[int, int], None] | None = None) -> list[tuple[Path, GeneratedImage]]:
-        """Compose `concepts` (name -> weight) live, fuse the LoRAs the prompt names (`<lora:NAME:W>`, files in
-        `<output-dir>/loras`), sample, and save the PNGs (with metadata) to the output folder."""
+                 on_step: Callable[[int, int], None] | None = None) -> list[tuple[Path, Image.Image]]:
+        """Compose `concepts` (name -> weight) and those the prompt names (`<concept:NAME:W>`) live, fuse the LoRAs
+        it names (`<lora:NAME:W>`, files in `<output-dir>/loras`), sample, and save the PNGs (with metadata) to the
+        output folder."""
         weights = {name: check_weight(weight, name) for name, weight in concepts.items()}
-        paths = {self.concept(name).path: weight for name, weight in weights.items()}
-        prompt, loras = prompt_loras(settings.prompt, self.output_dir / "loras")
+        tags = prompt_tags(settings.prompt, lora_dir=self.output_dir / "loras", concepts_dir=self.concepts_dir)
+        paths = merge_weights("concept", {self.concept(name).path: weight for name, weight in weights.items()},
+                              tags.concepts)
         with self._pipe_lock, report_steps(self.pipe, on_step):
             self.composer.set_concepts(paths)
-            set_loras(self.pipe, loras)
-            images = generate(self.pipe, replace(settings, prompt=prompt), model=self.base.spec, concepts=weights,
-                              scope=self.composer.scope, loras={path.name: w for path, w in loras.items()})
+            set_loras(self.pipe, tags.loras)
+            images = generate(self.pipe, replace(settings, prompt=tags.prompt), model=self.base.spec,
+                              concepts={path.stem: weight for path, weight in paths.items()},
+                              scope=self.composer.scope, loras={path.name: w for path, w in tags.loras.items()})
         return list(zip(save_images(images, self.output_dir / "images"), images, strict=True))
 
     # ---- training ------------------------------------------------------------------------------------------
