@@ -43,6 +43,33 @@ BUILTIN_BASES: dict[str, BuiltinBase] = {
 }
 
 
+TRAINING_DEFAULTS_FILE = "training_defaults.json"
+
+
+def training_defaults(spec: str) -> dict[str, object]:
+    """The training recipe recommended for base `spec`: `TrainConfig` fields from `training_defaults.json` in its
+    folder (a built-in base's, or a diffusers folder given by path); `{}` when it has none (TrainConfig's defaults,
+    tuned for SD 1.5, apply).
+
+    Why a file beside the weights: the recipe belongs to the model it was tuned on, it travels with the folder
+    (copied, packaged or passed by path), and reading it needs no code of what built the model, so the product keeps
+    off the toy world (the bundled toy base's file is `toyworld.recipe.RECIPE.settings("additive")` plus no flips,
+    and a test keeps the two equal). `TrainConfig` refuses unknown keys, so a stale file fails loudly.
+    """
+    builtin = BUILTIN_BASES.get(spec)
+    folder = builtin.folder if builtin is not None else Path(spec).expanduser()
+    path = folder / TRAINING_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SpectralDiffusionError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(settings, dict):
+        raise SpectralDiffusionError(f"{path}: expected a JSON object of training settings")
+    return settings
+
+
 def resolve_device(device: str | None = None) -> torch.device:
     """`device`, or CUDA when there is one, else CPU; refuses a device this machine lacks."""
     if device is None:

@@ -30,7 +30,7 @@ from spectral_diffusion.models import load_base
 from spectral_diffusion.regional import resolve_region_mode
 from spectral_diffusion.training.trainer import TrainConfig, train
 from spectral_diffusion.ui.app import _user_errors as user_errors
-from spectral_diffusion.ui.app import launch
+from spectral_diffusion.ui.app import build_app, launch
 from spectral_diffusion.ui.backend import INTERNAL_ERROR, Backend, BaseModel
 from spectral_diffusion.ui.concepts import list_concepts
 from spectral_diffusion.ui.regions import HEADERS, layout_canvas, layout_rows, rows_to_regions
@@ -273,6 +273,17 @@ def test_training_runs_in_background_and_lists_the_concept(served, tmp_path):
     with pytest.raises(AppError, match="Training badTok failed: token 'dog' is already in the tokenizer"):
         client.predict(api_name="/train_status")
     assert not (backend.concepts_dir / "badTok.safetensors").exists()
+
+
+def test_train_tab_starts_from_the_bases_recipe(served, monkeypatch):
+    """The Train tab's sliders start at the loaded base's recipe (`training_defaults.json` beside it), not at SD 1.5's
+    defaults; a base without one gets TrainConfig's."""
+    _, backend = served
+    assert (backend.train_defaults["steps"], backend.train_defaults["rank"]) == (TrainConfig.steps, TrainConfig.rank)
+    monkeypatch.setattr(backend, "train_defaults", {**backend.train_defaults, "steps": 800, "rank": 4, "flip": False})
+    blocks = {getattr(b, "elem_id", None): b for b in build_app(backend).blocks.values()}
+    assert (blocks["train-steps"].value, blocks["train-rank"].value) == (800, 4)
+    assert "no flips" in blocks["train-recipe"].value
 
 
 def test_fuse_and_export(served):

@@ -185,3 +185,30 @@ def test_shipped_tokenizer_is_clips():
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     ids = tokenizer("A photograph of an astronaut riding a horse").input_ids
     assert ids == [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]
+
+
+def test_the_toy_bases_training_defaults_are_the_toy_recipe():
+    """The bundled base's `training_defaults.json` is the toy world's recipe (the product reads the file, never the
+    toy world's code); rewrite it from `RECIPE.settings("additive")` when the recipe changes."""
+    from spectral_diffusion.toyworld.recipe import RECIPE
+
+    assert models.training_defaults("toy") == {**RECIPE.settings("additive"), "flip": False}
+
+
+def test_training_defaults_come_from_the_base_folder(tmp_path, tiny_model_dir):
+    from spectral_diffusion.training.config import TrainConfig
+    from spectral_diffusion.ui.backend import recipe_for
+
+    assert models.training_defaults(str(tiny_model_dir)) == {}
+    assert recipe_for(str(tiny_model_dir))["steps"] == TrainConfig.steps  # no file: TrainConfig's defaults
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / models.TRAINING_DEFAULTS_FILE).write_text(json.dumps({"steps": 12, "rank": 2}))
+    recipe = recipe_for(str(folder))
+    assert (recipe["steps"], recipe["rank"], recipe["lr_emb"]) == (12, 2, TrainConfig.lr_emb)
+    (folder / models.TRAINING_DEFAULTS_FILE).write_text(json.dumps({"steps": 12, "out": "elsewhere"}))
+    with pytest.raises(SpectralDiffusionError, match="unknown settings: out"):
+        recipe_for(str(folder))
+    (folder / models.TRAINING_DEFAULTS_FILE).write_text("[1]")
+    with pytest.raises(SpectralDiffusionError, match="JSON object"):
+        models.training_defaults(str(folder))

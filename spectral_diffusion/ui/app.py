@@ -134,6 +134,16 @@ def concept_details(info: ConceptInfo, fingerprint: str) -> str:
     ])
 
 
+def recipe_line(recipe: dict[str, Any]) -> str:
+    """The training settings the Train tab uses on the loaded base, in one line."""
+    def fmt(value: object) -> str:
+        return "default" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+    return (f"{recipe['variant']} adapter on `{recipe['targets']}`, batch {recipe['batch_size']}, learning rates "
+            f"UNet {fmt(recipe['lr_unet'])} / text {fmt(recipe['lr_text'])} / token {fmt(recipe['lr_emb'])}"
+            + ("" if recipe["flip"] else ", no flips"))
+
+
 def _append_text(text: str | None, addition: str) -> str:
     """`text` with `addition` appended after one space (A1111 inserts LoRA tags the same way)."""
     text = (text or "").rstrip()
@@ -379,9 +389,13 @@ class _AppBuilder:
                 name = gr.Textbox(label="Concept name", placeholder="dogA", info="the file name in the concepts folder")
                 token = gr.Textbox(label="Trigger token", placeholder="<dogA>", info="a new word to use in prompts")
                 class_word = gr.Textbox(label="Class word", placeholder="dog", info="what the subject is")
-                steps = gr.Slider(1, 5000, value=1000, step=1, label="Training steps")
+                recipe = backend.train_defaults
+                steps = gr.Slider(1, 5000, value=int(recipe["steps"]), step=1, label="Training steps",
+                                  elem_id="train-steps")
                 with gr.Accordion("Advanced", open=False):
-                    rank = gr.Slider(1, 32, value=8, step=1, label="Rank (singular vectors per band)")
+                    rank = gr.Slider(1, 32, value=int(recipe["rank"]), step=1, elem_id="train-rank",
+                                     label="Rank (singular vectors per band)")
+                    gr.Markdown(f"Recipe for this base: {recipe_line(recipe)}", elem_id="train-recipe")
                 start = gr.Button("Train", variant="primary", elem_id="train-button")
                 status = gr.Textbox(label="Training status", interactive=False, elem_id="train-status")
 

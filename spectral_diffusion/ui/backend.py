@@ -15,7 +15,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, replace
 from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
@@ -28,7 +28,7 @@ from spectral_diffusion.export import Exported, export_lora, textual_inversion_p
 from spectral_diffusion.fusion import FusionReport, fuse, save_fused
 from spectral_diffusion.generation import GenerationSettings, generate, save_images
 from spectral_diffusion.loras import set_loras
-from spectral_diffusion.models import DTYPES, load_base
+from spectral_diffusion.models import DTYPES, load_base, training_defaults
 from spectral_diffusion.pipeline import merge_weights, prompt_tags
 from spectral_diffusion.training.trainer import StepInfo, TrainConfig, train
 from spectral_diffusion.ui.concepts import ConceptInfo, list_concepts, read_concept_info
@@ -137,6 +137,7 @@ class Backend:
         self._pipe_lock = threading.Lock()
         self._job_lock = threading.Lock()
         self.job: TrainingJob | None = None
+        self.train_defaults = recipe_for(base.spec)
 
     # ---- concepts ------------------------------------------------------------------------------------------
 
@@ -171,8 +172,10 @@ class Backend:
     # ---- training ------------------------------------------------------------------------------------------
 
     def start_training(self, photos: Sequence[str | Path], *, name: str, token: str, class_word: str,
-                       steps: int, rank: int = TrainConfig.rank) -> TrainingJob:
-        """Check the request, then train `name` in a background thread; one job at a time per app."""
+                       steps: int | None = None, rank: int | None = None) -> TrainingJob:
+        """Check the request, then train `name` in a background thread; one job at a time per app.
+
+        Settings not given come from the base model's recipe (`train_defaults`)."""
         images = check_images(photos)
         out = child_path(self.concepts_dir, name, ".safetensors", what="concept name")
         if out.exists():
@@ -189,8 +192,9 @@ class Backend:
             config = TrainConfig(photo_dir=folder, token=token.strip(), out=out, class_word=class_word.strip(),
                                  base=self.base.spec, base_config=self.base.config,
                                  allow_pickle=self.base.allow_pickle, device=self.base.device,
-                                 dtype=self.base.dtype, steps=int(steps), rank=int(rank),
-                                 concepts_dir=self.concepts_dir)
+                                 dtype=self.base.dtype, concepts_dir=self.concepts_dir,
+                                 **{**self.train_defaults,
+                                    **{k: int(v) for k, v in {"steps": steps, "rank": rank}.items() if v is not None}})
             try:
                 config.check()
             except SpectralDiffusionError:
@@ -244,6 +248,24 @@ class Backend:
         out = _unused(child_path(folder, out_name.strip() or f"{name}_{fmt}", ".safetensors", what="output name"))
         _unused(textual_inversion_path(out, concept.token))
         return export_lora(concept.path, out, fmt)
+
+
+_PER_RUN = frozenset({"photo_dir", "token", "out", "class_word", "base", "base_config", "allow_pickle", "device",
+                      "dtype", "concepts_dir"})
+
+
+def recipe_for(spec: str) -> dict[str, object]:
+    """The training settings the app uses on base `spec`: TrainConfig's defaults, with those the base's folder
+    recommends (`models.training_defaults`) in their place. Only optimisation and adapter settings may come from
+    the file; what names the run (photos, token, output, base) is the app's."""
+    recommended = training_defaults(spec)
+    fields = {name: f for name, f in TrainConfig.__dataclass_fields__.items() if name not in _PER_RUN}
+    unknown = sorted(set(recommended) - set(fields))
+    if unknown:
+        raise SpectralDiffusionError(f"the training defaults of base {spec!r} name unknown settings: "
+                                     f"{', '.join(unknown)}")
+    defaults = {name: f.default for name, f in fields.items() if f.default is not MISSING}
+    return {**defaults, **recommended}
 
 
 def _unused(path: Path) -> Path:
