@@ -189,10 +189,11 @@ def test_shipped_tokenizer_is_clips():
 
 def test_the_toy_bases_training_defaults_are_the_toy_recipe():
     """The bundled base's `training_defaults.json` is the toy world's recipe (the product reads the file, never the
-    toy world's code); rewrite it from `RECIPE.settings("additive")` when the recipe changes."""
+    toy world's code); `toyworld pretrain` writes it, or rewrite it from `RECIPE.training_defaults()`."""
     from spectral_diffusion.toyworld.recipe import RECIPE
 
-    assert models.training_defaults("toy") == {**RECIPE.settings("additive"), "flip": False}
+    assert RECIPE.training_defaults() == {**RECIPE.settings("additive"), "flip": False}
+    assert models.training_defaults("toy") == RECIPE.training_defaults()
 
 
 def test_training_defaults_come_from_the_base_folder(tmp_path, tiny_model_dir):

@@ -16,12 +16,14 @@ from spectral_diffusion.adapters import find_targets
 from spectral_diffusion.bands import weight_matrix
 from spectral_diffusion.cli import main
 from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.models import training_defaults
 from spectral_diffusion.testing.tiny_sd import save_tiny_model
 from spectral_diffusion.tokenizer import build_clip_tokenizer
 from spectral_diffusion.toyworld import concepts, model, render
 from spectral_diffusion.toyworld.evaluate import evaluate_base
 from spectral_diffusion.toyworld.judge import JUDGE_PATH, Judge
 from spectral_diffusion.toyworld.pretrain import PretrainConfig, lr_factor, pretrain, scene_dataset
+from spectral_diffusion.toyworld.recipe import RECIPE
 
 REPO = Path(__file__).resolve().parents[1]
 CONCEPT_ROOT = REPO / "concepts" / "toyworld"
@@ -178,6 +180,7 @@ def test_pretrain_plumbing_exports_a_loadable_fp16_pipeline(tmp_path):
     with safe_open(tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors", "pt") as f:
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
     assert "latent scaling factor" in (tmp_path / "run" / "log.txt").read_text()
+    assert training_defaults(str(tmp_path / "model")) == RECIPE.training_defaults()  # the app's recipe
     with pytest.raises(SpectralDiffusionError, match="already holds checkpoints: pass --resume"):
         pretrain(cfg)
     cfg.resume = True

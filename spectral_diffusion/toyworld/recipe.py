@@ -9,6 +9,7 @@ own token (`spectral_diffusion.fusion`).
 API:
     RECIPE: Recipe                         # targets, rank, steps, learning rates per adapter kind, fusion method
     RECIPE.train_config(name, photo_dir, out, *, band, variant, seed, ...) -> TrainConfig
+    RECIPE.training_defaults() -> dict       # the bundled base's training_defaults.json (the app's Train tab)
     RECIPE.cli_flags(variant) -> list[str]  # the same settings as `spectral-diffusion train` flags
     ordinary_captions(n, seed) -> list[str]  # closed-form fusion's prior: captions of ordinary scenes
 """
@@ -52,6 +53,11 @@ class Recipe:
         return dict(variant=variant, rank=self.rank, targets=self.targets, steps=self.steps,
                     batch_size=self.batch_size, lr_unet=lr_unet, lr_text=lr_text, lr_emb=self.lr_emb,
                     num_vectors=self.num_vectors, locality_weight=self.locality_weight)
+
+    def training_defaults(self) -> dict[str, object]:
+        """What the bundled base's `training_defaults.json` holds (`models.training_defaults`; the app trains with
+        it): the additive recipe, without flips."""
+        return {**self.settings("additive"), "flip": False}
 
     def train_config(self, name: str, photo_dir: str | Path, out: str | Path, *, band: int | str = 0,
                      variant: str = "additive", base: str = "toy", device: str | None = None, seed: int = 0,
