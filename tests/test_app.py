@@ -34,7 +34,7 @@ from spectral_diffusion.ui.app import build_app, launch
 from spectral_diffusion.ui.backend import INTERNAL_ERROR, Backend, BaseModel
 from spectral_diffusion.ui.concepts import list_concepts
 from spectral_diffusion.ui.regions import HEADERS, layout_canvas, layout_rows, rows_to_regions
-from spectral_diffusion.ui.uploads import child_path
+from spectral_diffusion.ui.uploads import child_path, thumbnails
 
 CONCEPTS = {"dogA": ("<dogA>", "dog", 1), "catB": ("<catB>", "cat", 0)}  # token, class word, preview images
 
@@ -284,6 +284,16 @@ def test_train_tab_starts_from_the_bases_recipe(served, monkeypatch):
     blocks = {getattr(b, "elem_id", None): b for b in build_app(backend).blocks.values()}
     assert (blocks["train-steps"].value, blocks["train-rank"].value) == (800, 4)
     assert "no flips" in blocks["train-recipe"].value
+
+
+def test_uploads_show_as_thumbnails(tmp_path):
+    photos = write_photos(tmp_path, n=2)
+    Image.new("RGB", (400, 100), "red").save(tmp_path / "wide.jpg")
+    (tmp_path / "fake.png").write_bytes(b"not an image")
+    tiles = thumbnails([*photos, tmp_path / "wide.jpg", tmp_path / "fake.png"], size=64)
+    assert [label for _, label in tiles] == ["photo0.png", "photo1.png", "wide.jpg", "fake.png (not an image)"]
+    assert tiles[2][0].size == (64, 16) and tiles[2][0].getpixel((10, 8))[0] > 200
+    assert thumbnails(None) == []
 
 
 def test_fuse_and_export(served):

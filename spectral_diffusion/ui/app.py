@@ -36,7 +36,7 @@ from spectral_diffusion.generation import (
 from spectral_diffusion.ui import regions as region_table
 from spectral_diffusion.ui.backend import INTERNAL_ERROR, Backend, TrainingJob
 from spectral_diffusion.ui.concepts import ConceptInfo
-from spectral_diffusion.ui.uploads import MAX_UPLOAD_MB
+from spectral_diffusion.ui.uploads import MAX_UPLOAD_MB, thumbnails
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +384,10 @@ class _AppBuilder:
                     "the background; the concept appears in the concept lists when it is done.")
         with gr.Row():
             with gr.Column():
-                photos = gr.File(label="Photos", file_count="multiple", file_types=["image"], elem_id="photos")
+                photos = gr.File(label="Photos", file_count="multiple", file_types=["image"], elem_id="photos",
+                                 height=140)
+                thumbs = gr.Gallery(label="Uploaded photos", columns=5, height=300, allow_preview=True,
+                                    object_fit="contain", format="png", buttons=[], elem_id="photo-thumbnails")
             with gr.Column():
                 name = gr.Textbox(label="Concept name", placeholder="dogA", info="the file name in the concepts folder")
                 token = gr.Textbox(label="Trigger token", placeholder="<dogA>", info="a new word to use in prompts")
@@ -429,6 +432,7 @@ class _AppBuilder:
             if backend.job is not None:
                 yield from follow(backend.job, progress)
 
+        photos.change(thumbnails, photos, thumbs, api_visibility="private")
         started = start.click(train, [photos, name, token, class_word, steps, rank], status, api_name="train")
         self.training_followers.append(
             started.success(train_status, None, status, api_name="train_status", concurrency_limit=None))

@@ -10,7 +10,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.training.data import IMAGE_SUFFIXES
@@ -58,3 +58,20 @@ def check_images(paths: Sequence[str | Path], *, max_mb: int = MAX_UPLOAD_MB, ma
             raise SpectralDiffusionError(f"{path.name}: not a readable image ({exc.__class__.__name__})") from exc
         checked.append(path)
     return checked
+
+
+def thumbnails(paths: Sequence[str | Path] | None, size: int = 160) -> list[tuple[Image.Image, str]]:
+    """A small picture and caption (file name) per upload, for the Train tab's preview; a file that does not decode
+    as an image gets a grey tile captioned as such (training refuses it with the reason, `check_images`)."""
+    tiles = []
+    for raw in (paths or [])[:MAX_UPLOADS]:
+        path = Path(raw)
+        try:
+            with Image.open(path) as image:
+                image.draft("RGB", (size, size))  # JPEGs decode at a reduced scale
+                tile = ImageOps.contain(ImageOps.exif_transpose(image).convert("RGB"), (size, size))
+            label = path.name
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError):
+            tile, label = Image.new("RGB", (size, size), (72, 76, 86)), f"{path.name} (not an image)"
+        tiles.append((tile, label))
+    return tiles
