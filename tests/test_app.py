@@ -264,6 +264,7 @@ def test_training_runs_in_background_and_lists_the_concept(served, tmp_path):
                             api_name="/train")
     assert status.startswith("Training toyC")
     assert client.predict(api_name="/train_status") == "Trained toyC: toyC.safetensors is in the concept list."
+    assert backend.job.loss_curve()["step"].tolist() == [1, 2]  # the Train tab's loss plot
     assert "toyC" in {c["name"] for c in client.predict(api_name="/concepts")}
     _, seed, parameters = generate(client, concepts={"toyC": 1.0}, prompt="a <toyC> toy")
     assert 'Concepts: "toyC: 1"' in parameters

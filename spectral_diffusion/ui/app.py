@@ -401,6 +401,10 @@ class _AppBuilder:
                     gr.Markdown(f"Recipe for this base: {recipe_line(recipe)}", elem_id="train-recipe")
                 start = gr.Button("Train", variant="primary", elem_id="train-button")
                 status = gr.Textbox(label="Training status", interactive=False, elem_id="train-status")
+        loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=260, x_title="step",
+                                y_title="loss", elem_id="train-loss")
+        shown = gr.State(-1)  # loss rows this page shows, so an idle poll sends nothing
+        poll = gr.Timer(1.0)
 
         @handler
         def train(photos: list[str] | None, concept_name: str, token: str, class_word: str, steps: float,
@@ -432,6 +436,15 @@ class _AppBuilder:
             if backend.job is not None:
                 yield from follow(backend.job, progress)
 
+        def plot_loss(count: int) -> tuple[Any, int]:
+            """The running job's loss curve, sent only when it has new rows."""
+            job = backend.job
+            if job is None or len(job.losses) == count:
+                return gr.skip(), count
+            curve = job.loss_curve()
+            return curve, len(curve)
+
+        poll.tick(plot_loss, shown, [loss_plot, shown], api_visibility="private", queue=False, show_progress="hidden")
         photos.change(thumbnails, photos, thumbs, api_visibility="private")
         started = start.click(train, [photos, name, token, class_word, steps, rank], status, api_name="train")
         self.training_followers.append(

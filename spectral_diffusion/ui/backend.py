@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field, replace
 from pathlib import Path
 
+import pandas as pd
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
@@ -71,11 +72,16 @@ class TrainingJob:
     loss: float | None = None
     error: str | None = None
     result: Path | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of every step so far
     thread: threading.Thread | None = field(default=None, repr=False)
 
     @property
     def running(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
+
+    def loss_curve(self) -> pd.DataFrame:
+        """The loss so far, one row per step (`step`, `loss`), for the Train tab's plot."""
+        return pd.DataFrame(list(self.losses), columns=["step", "loss"])
 
     def describe(self) -> str:
         """One line of status for the Train tab."""
@@ -211,6 +217,7 @@ class Backend:
     def _train(job: TrainingJob, config: TrainConfig, folder: Path) -> None:
         def on_step(info: StepInfo) -> None:
             job.step, job.loss = info.step, info.loss
+            job.losses.append((info.step, info.loss))
 
         try:
             job.result = train(config, on_step=on_step)
