@@ -11,6 +11,7 @@ import logging
 import shutil
 import socket
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
@@ -30,7 +31,7 @@ from spectral_diffusion.models import load_base
 from spectral_diffusion.regional import resolve_region_mode
 from spectral_diffusion.training.trainer import TrainConfig, train
 from spectral_diffusion.ui.app import _user_errors as user_errors
-from spectral_diffusion.ui.app import build_app, launch
+from spectral_diffusion.ui.app import build_app, concept_card, launch
 from spectral_diffusion.ui.backend import INTERNAL_ERROR, Backend, BaseModel
 from spectral_diffusion.ui.concepts import list_concepts
 from spectral_diffusion.ui.regions import HEADERS, layout_canvas, layout_rows, rows_to_regions
@@ -95,7 +96,24 @@ def test_concepts_are_listed_with_trigger_band_and_base(served):
     assert {listed["dogA"]["band"], listed["catB"]["band"]} == {0, 1}
     assert all(c["fits_base"] and c["base_fingerprint"] == backend.fingerprint for c in listed.values())
     previews = {c.name: c.preview for c in backend.concepts()}
-    assert previews["dogA"] == backend.concepts_dir / "dogA.preview.png" and previews["catB"] is None
+    assert previews["dogA"] == backend.concepts_dir / "dogA.preview.png"  # the trainer's
+    # catB was trained without one: the app rendered it when it first listed the cards, and keeps it
+    assert previews["catB"] == backend.concepts_dir / "catB.preview.png"
+    with Image.open(previews["catB"]) as preview:
+        assert "<catb> cat" in preview.text["parameters"] and 'catB: 1' in preview.text["parameters"]
+
+
+def test_concept_cards_show_full_names_and_skip_other_bases(served, tmp_path, monkeypatch):
+    _, backend = served
+    info = replace(backend.concept("catB"), name="a-rather-long-concept-name_" * 3, preview=None,
+                   base_fingerprint="another")
+    assert backend._with_preview(info) is info  # another base: no render, a tile with the name
+    image, caption = concept_card(info, backend.fingerprint)
+    assert caption.startswith(info.name + ": ") and "other base model" in caption
+    monkeypatch.setattr(backend, "render_preview", lambda info: 1 / 0)
+    fitting = replace(info, base_fingerprint=backend.fingerprint, path=tmp_path / "x.safetensors")
+    assert backend._with_preview(fitting) is fitting  # a failed render leaves the tile (logged, not retried)
+    assert fitting.path in backend._no_preview
 
 
 def test_listing_skips_files_that_are_not_concepts(served, tmp_path):

@@ -13,6 +13,7 @@ import html
 import inspect
 import logging
 import math
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -52,6 +53,7 @@ THEME = gr.themes.Default(
 CSS = """
 #generate-button { min-height: 5.5em; }
 .concept-row { align-items: end; }
+#concept-library .caption-label { white-space: normal; overflow-wrap: anywhere; max-width: 100%; }
 """
 
 
@@ -110,13 +112,15 @@ def caption(settings: GenerationSettings, image: Image.Image) -> str:
 
 
 def concept_card(info: ConceptInfo, fingerprint: str) -> tuple[Image.Image, str]:
-    """A gallery card: the trainer's preview (or a lettered tile) and a caption with the trigger and band."""
+    """A gallery card: the concept's preview (or a tile with its full name) and a caption with the full name, trigger
+    and band."""
     if info.preview is not None:
         with Image.open(info.preview) as preview:
             image = ImageOps.contain(preview.convert("RGB"), (256, 256))
     else:
         image = Image.new("RGB", (256, 256), (72, 76, 86))
-        ImageDraw.Draw(image).text((16, 118), info.name[:28], fill=(240, 240, 240))
+        lines = textwrap.wrap(info.name, 36, break_on_hyphens=False) or [info.name]  # the full name, never cut
+        ImageDraw.Draw(image).multiline_text((12, 128 - 7 * len(lines)), "\n".join(lines), fill=(240, 240, 240))
     return image, f"{info.name}: {info.summary(fingerprint)}"
 
 
@@ -255,7 +259,7 @@ class _AppBuilder:
         cards.select(choose, pick, [pick, details], api_visibility="private")
 
     def cards(self) -> list[tuple[Image.Image, str]]:
-        return [concept_card(c, self.backend.fingerprint) for c in self.backend.concepts()]
+        return [concept_card(c, self.backend.fingerprint) for c in self.backend.concepts_with_previews()]
 
     # ---- Generate --------------------------------------------------------------------------------------------
 

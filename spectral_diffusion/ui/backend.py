@@ -27,10 +27,12 @@ from spectral_diffusion.concept_file import canonical_token
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.export import Exported, export_lora, textual_inversion_path
 from spectral_diffusion.fusion import FusionReport, fuse, save_fused
-from spectral_diffusion.generation import GenerationSettings, generate, save_images
+from spectral_diffusion.generation import GenerationSettings, generate, save_images, save_png
 from spectral_diffusion.loras import set_loras
 from spectral_diffusion.models import DTYPES, load_base, training_defaults
 from spectral_diffusion.pipeline import merge_weights, prompt_tags
+from spectral_diffusion.training.config import preview_path
+from spectral_diffusion.training.data import CONCEPT_TEMPLATE, fill_caption
 from spectral_diffusion.training.trainer import StepInfo, TrainConfig, train
 from spectral_diffusion.ui.concepts import ConceptInfo, list_concepts, read_concept_info
 from spectral_diffusion.ui.uploads import check_images, child_path
@@ -144,11 +146,38 @@ class Backend:
         self._job_lock = threading.Lock()
         self.job: TrainingJob | None = None
         self.train_defaults = recipe_for(base.spec)
+        self._no_preview: set[Path] = set()  # concepts whose preview failed to render: not retried
 
     # ---- concepts ------------------------------------------------------------------------------------------
 
     def concepts(self) -> list[ConceptInfo]:
         return list_concepts(self.concepts_dir)
+
+    def concepts_with_previews(self) -> list[ConceptInfo]:
+        """The listing, a preview rendered first for each concept of the loaded base that has none (cards)."""
+        return [self._with_preview(info) for info in self.concepts()]
+
+    def _with_preview(self, info: ConceptInfo) -> ConceptInfo:
+        if info.preview is not None or info.base_fingerprint != self.fingerprint or info.path in self._no_preview:
+            return info
+        try:
+            return replace(info, preview=self.render_preview(info))
+        except Exception:  # a card without a picture is no reason to fail the listing
+            log.exception("could not render a preview of %s", info.name)
+            self._no_preview.add(info.path)
+            return info
+
+    def render_preview(self, info: ConceptInfo) -> Path:
+        """One image of the concept's trigger and class word on the loaded base (seed 0, its recommended weight),
+        saved atomically beside it as `<name>.preview.png`, where the trainer puts its own preview; later listings
+        read that file."""
+        settings = GenerationSettings(prompt=fill_caption(CONCEPT_TEMPLATE, info.token, info.class_word), seed=0)
+        with self._pipe_lock:
+            self.composer.set_concepts({info.path: info.weight})
+            set_loras(self.pipe, {})
+            (image,) = generate(self.pipe, settings, model=self.base.spec, concepts={info.name: info.weight},
+                                scope=self.composer.scope)
+        return save_png(preview_path(info.path), image)
 
     def concept(self, name: str) -> ConceptInfo:
         path = child_path(self.concepts_dir, name, ".safetensors", what="concept name")

@@ -2,7 +2,8 @@
 
 A concept is `<name>.safetensors` (its header is read, never its tensors: listing stays instant with hundreds of
 files) plus the optional `<name>.json` sidecar written by the trainer (`sidecar.py`: trigger words, recommended weight,
-base model, preview image). Files that are not concept files (an exported LoRA kept in the same folder) are skipped.
+base model, preview image; else `<name>.preview.png` beside it, which the app renders for a concept without
+one). Files that are not concept files (an exported LoRA kept in the same folder) are skipped.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from spectral_diffusion.concept_file import read_meta
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.sidecar import read_sidecar
+from spectral_diffusion.training.config import preview_path
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ def read_concept_info(path: str | Path) -> ConceptInfo:
         base_fingerprint=meta.base_fingerprint,
         base_model=sidecar.base_model,
         weight=sidecar.recommended_weight,
-        preview=sidecar.preview,
+        preview=sidecar.preview or (preview_path(path) if preview_path(path).is_file() else None),
     )
 
 
