@@ -279,10 +279,12 @@ def test_training_runs_in_background_and_lists_the_concept(served, tmp_path):
     client, backend = served
     photos = [handle_file(p) for p in write_photos(tmp_path, n=2, seed=1)]
     status = client.predict(photos=photos, concept_name="toyC", token="<toyC>", class_word="toy", steps=2, rank=4,
-                            api_name="/train")
+                            sample_every=1, api_name="/train")
     assert status.startswith("Training toyC")
     assert client.predict(api_name="/train_status") == "Trained toyC: toyC.safetensors is in the concept list."
     assert backend.job.loss_curve()["step"].tolist() == [1, 2]  # the Train tab's loss plot
+    assert [(path.parent.name, step) for path, step in backend.job.samples()] == [("toyC_samples", 1),
+                                                                                 ("toyC_samples", 2)]
     assert "toyC" in {c["name"] for c in client.predict(api_name="/concepts")}
     _, seed, parameters = generate(client, concepts={"toyC": 1.0}, prompt="a <toyC> toy")
     assert 'Concepts: "toyC: 1"' in parameters

@@ -17,6 +17,7 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -146,6 +147,12 @@ def recipe_line(recipe: dict[str, Any]) -> str:
     return (f"{recipe['variant']} adapter on `{recipe['targets']}`, batch {recipe['batch_size']}, learning rates "
             f"UNet {fmt(recipe['lr_unet'])} / text {fmt(recipe['lr_text'])} / token {fmt(recipe['lr_emb'])}"
             + ("" if recipe["flip"] else ", no flips"))
+
+
+def _load(path: Path) -> Image.Image:
+    """An image file's pixels (the gallery then serves a copy: the concepts folder itself is never served)."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 def _append_text(text: str | None, addition: str) -> str:
@@ -402,20 +409,26 @@ class _AppBuilder:
                 with gr.Accordion("Advanced", open=False):
                     rank = gr.Slider(1, 32, value=int(recipe["rank"]), step=1, elem_id="train-rank",
                                      label="Rank (singular vectors per band)")
+                    sample_every = gr.Slider(0, 1000, value=max(1, int(recipe["steps"]) // 4), step=1,
+                                             label="Sample every N steps (0: never)", elem_id="train-sample-every")
                     gr.Markdown(f"Recipe for this base: {recipe_line(recipe)}", elem_id="train-recipe")
                 start = gr.Button("Train", variant="primary", elem_id="train-button")
                 status = gr.Textbox(label="Training status", interactive=False, elem_id="train-status")
         loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=260, x_title="step",
                                 y_title="loss", elem_id="train-loss")
-        shown = gr.State(-1)  # loss rows this page shows, so an idle poll sends nothing
+        samples = gr.Gallery(label="Samples during training", columns=6, height=220, object_fit="contain",
+                             format="png", buttons=[], elem_id="train-samples")
+        shown = gr.State([-1, -1])  # loss rows and samples this page shows, so an idle poll sends nothing
         poll = gr.Timer(1.0)
 
         @handler
         def train(photos: list[str] | None, concept_name: str, token: str, class_word: str, steps: float,
-                  rank: float) -> str:
-            """Start training a concept from the uploaded photos in the background."""
+                  rank: float, sample_every: float = 0) -> str:
+            """Start training a concept from the uploaded photos in the background; `sample_every` N > 0 samples
+            the concept every N steps."""
             job = backend.start_training(photos or [], name=concept_name or "", token=token or "",
-                                         class_word=class_word or "", steps=int(steps), rank=int(rank))
+                                         class_word=class_word or "", steps=_whole(steps, "steps"),
+                                         rank=_whole(rank, "rank"), sample_every=_whole(sample_every or 0, "sample every"))
             return job.describe()
 
         def follow(job: TrainingJob, progress: gr.Progress) -> Iterator[str]:
@@ -440,17 +453,22 @@ class _AppBuilder:
             if backend.job is not None:
                 yield from follow(backend.job, progress)
 
-        def plot_loss(count: int) -> tuple[Any, int]:
-            """The running job's loss curve, sent only when it has new rows."""
+        def follow_plots(seen: list[int]) -> tuple[Any, Any, list[int]]:
+            """The running job's loss curve and samples, each sent only when it has grown."""
             job = backend.job
-            if job is None or len(job.losses) == count:
-                return gr.skip(), count
-            curve = job.loss_curve()
-            return curve, len(curve)
+            if job is None:
+                return gr.skip(), gr.skip(), seen
+            drawn = job.samples()
+            rows = len(job.losses)
+            return (job.loss_curve() if rows != seen[0] else gr.skip(),
+                    [(_load(path), f"step {step}") for path, step in drawn] if len(drawn) != seen[1] else gr.skip(),
+                    [rows, len(drawn)])
 
-        poll.tick(plot_loss, shown, [loss_plot, shown], api_visibility="private", queue=False, show_progress="hidden")
+        poll.tick(follow_plots, shown, [loss_plot, samples, shown], api_visibility="private", queue=False,
+                  show_progress="hidden")
         photos.change(thumbnails, photos, thumbs, api_visibility="private")
-        started = start.click(train, [photos, name, token, class_word, steps, rank], status, api_name="train")
+        started = start.click(train, [photos, name, token, class_word, steps, rank, sample_every], status,
+                              api_name="train")
         self.training_followers.append(
             started.success(train_status, None, status, api_name="train_status", concurrency_limit=None))
         self.training_followers.append(

@@ -13,6 +13,7 @@ import logging
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field, replace
@@ -75,6 +76,8 @@ class TrainingJob:
     error: str | None = None
     result: Path | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of every step so far
+    samples_dir: Path | None = None  # where the trainer writes its samples during training, if it samples
+    started: float = field(default_factory=time.time)
     thread: threading.Thread | None = field(default=None, repr=False)
 
     @property
@@ -84,6 +87,19 @@ class TrainingJob:
     def loss_curve(self) -> pd.DataFrame:
         """The loss so far, one row per step (`step`, `loss`), for the Train tab's plot."""
         return pd.DataFrame(list(self.losses), columns=["step", "loss"])
+
+    def samples(self) -> list[tuple[Path, int]]:
+        """The samples this job wrote so far, with their step, oldest first (files of an earlier run are not)."""
+        if self.samples_dir is None or not self.samples_dir.is_dir():
+            return []
+        found = []
+        for path in sorted(self.samples_dir.glob("step-*.png")):
+            try:
+                if path.stat().st_mtime >= self.started - 1:
+                    found.append((path, int(path.stem.split("-")[1])))
+            except (OSError, ValueError, IndexError):
+                continue
+        return found
 
     def describe(self) -> str:
         """One line of status for the Train tab."""
@@ -207,10 +223,11 @@ class Backend:
     # ---- training ------------------------------------------------------------------------------------------
 
     def start_training(self, photos: Sequence[str | Path], *, name: str, token: str, class_word: str,
-                       steps: int | None = None, rank: int | None = None) -> TrainingJob:
+                       steps: int | None = None, rank: int | None = None, sample_every: int = 0) -> TrainingJob:
         """Check the request, then train `name` in a background thread; one job at a time per app.
 
-        Settings not given come from the base model's recipe (`train_defaults`)."""
+        Settings not given come from the base model's recipe (`train_defaults`). `sample_every` N > 0 samples the
+        concept's caption every N steps into `<name>_samples/` beside it (`TrainingJob.samples`)."""
         images = check_images(photos)
         out = child_path(self.concepts_dir, name, ".safetensors", what="concept name")
         if out.exists():
@@ -218,6 +235,10 @@ class Backend:
         taken = next((c.name for c in self.concepts() if c.token == canonical_token(token.strip())), None)
         if taken is not None:
             raise SpectralDiffusionError(f"token {token.strip()!r} is already used by concept {taken!r}")
+        sampling = {}
+        if sample_every:
+            sampling = {"validate_every": int(sample_every),
+                        "validation_prompts": (fill_caption(CONCEPT_TEMPLATE, token.strip(), class_word.strip()),)}
         with self._job_lock:
             if self.job is not None and self.job.running:
                 raise SpectralDiffusionError(f"{self.job.name} is still training; wait for it to finish")
@@ -229,13 +250,15 @@ class Backend:
                                  allow_pickle=self.base.allow_pickle, device=self.base.device,
                                  dtype=self.base.dtype, concepts_dir=self.concepts_dir,
                                  **{**self.train_defaults,
-                                    **{k: int(v) for k, v in {"steps": steps, "rank": rank}.items() if v is not None}})
+                                    **{k: int(v) for k, v in {"steps": steps, "rank": rank}.items() if v is not None},
+                                    **sampling})
             try:
                 config.check()
             except SpectralDiffusionError:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
-            job = TrainingJob(name=name, steps=config.steps)
+            job = TrainingJob(name=name, steps=config.steps,
+                              samples_dir=out.with_name(f"{out.stem}_samples") if config.validate_every else None)
             job.thread = threading.Thread(target=self._train, args=(job, config, folder), daemon=True,
                                           name=f"train-{name}")
             self.job = job
