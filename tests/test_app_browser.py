@@ -16,8 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from gradio_client import handle_file
 from PIL import Image
-from test_app import free_port, served  # noqa: F401  (the module-scoped app fixture)
+from test_app import free_port, served, write_photos  # noqa: F401  (the module-scoped app fixture)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -154,3 +155,23 @@ def test_generate_from_the_browser(served, browser, tmp_path):  # noqa: F811
     assert "trigger <catb>" in details and "matches the loaded model" in details
     chips = browser.js("return document.querySelector('input[aria-label=\"Concepts\"]').closest('.block').innerText")
     assert "dogA" in chips and "catB" in chips
+
+
+def test_train_tab_shows_thumbnails_loss_curve_and_samples(served, browser, tmp_path):  # noqa: F811
+    client, backend = served
+    photos = [handle_file(p) for p in write_photos(tmp_path / "photos", n=2, seed=3)]
+    client.predict(photos=photos, concept_name="sampled", token="<sampledA>", class_word="toy", steps=2, rank=4,
+                   sample_every=1, api_name="/train")
+    assert client.predict(api_name="/train_status").startswith("Trained sampled")
+    browser.call("POST", "/url", {"url": client.src})
+    browser.click(browser.wait_for(
+        "Array.from(document.querySelectorAll('button[role=tab]')).find(b => b.textContent.trim() === 'Train')"))
+    assert browser.wait_for("document.querySelector('#train-steps input[type=number]')") is not None
+    # the page polls the job: its loss curve (a Vega chart) and its two samples appear
+    browser.wait_for("document.querySelector('#train-loss canvas, #train-loss svg')")
+    assert browser.wait_for("(n => n === 2 && n)(document.querySelectorAll('#train-samples img').length)") == 2
+    # uploads show as thumbnails
+    upload = browser.wait_for("document.querySelector('#photos input[type=file]')")
+    browser.type(upload, str(tmp_path / "photos" / "photo0.png"))
+    browser.wait_for("document.querySelector('#photo-thumbnails img')")
+    print(f"screenshot: {browser.screenshot(tmp_path / 'train.png')}")

@@ -55,6 +55,8 @@ CSS = """
 #generate-button { min-height: 5.5em; }
 .concept-row { align-items: end; }
 #concept-library .caption-label { white-space: normal; overflow-wrap: anywhere; max-width: 100%; }
+#photo-thumbnails .grid-container, #train-samples .grid-container {
+  grid-template-columns: repeat(auto-fill, minmax(96px, 128px)) !important; }
 """
 
 
@@ -397,7 +399,7 @@ class _AppBuilder:
             with gr.Column():
                 photos = gr.File(label="Photos", file_count="multiple", file_types=["image"], elem_id="photos",
                                  height=140)
-                thumbs = gr.Gallery(label="Uploaded photos", columns=5, height=300, allow_preview=True,
+                thumbs = gr.Gallery(label="Uploaded photos", columns=6, height=220, allow_preview=False,
                                     object_fit="contain", format="png", buttons=[], elem_id="photo-thumbnails")
             with gr.Column():
                 name = gr.Textbox(label="Concept name", placeholder="dogA", info="the file name in the concepts folder")
