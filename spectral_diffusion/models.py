@@ -61,13 +61,18 @@ def training_defaults(spec: str) -> dict[str, object]:
     path = folder / TRAINING_DEFAULTS_FILE
     if not path.is_file():
         return {}
+    return _read_json_object(path, "a JSON object of training settings")
+
+
+def _read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in `path`; a file that is not one is refused in one line naming `what` it should be."""
     try:
-        settings = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SpectralDiffusionError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(settings, dict):
-        raise SpectralDiffusionError(f"{path}: expected a JSON object of training settings")
-    return settings
+    if not isinstance(data, dict):
+        raise SpectralDiffusionError(f"{path}: expected {what}")
+    return data
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -143,12 +148,7 @@ def _load_folder(path: Path, dtype: torch.dtype, allow_pickle: bool) -> StableDi
     index = path / "model_index.json"
     if not index.is_file():
         raise SpectralDiffusionError(f"{path} is a folder without model_index.json: not a diffusers pipeline")
-    try:
-        components = json.loads(index.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SpectralDiffusionError(f"{index}: not valid JSON ({exc})") from exc
-    if not isinstance(components, dict):
-        raise SpectralDiffusionError(f"{index}: not a diffusers model index (expected a JSON object)")
+    components = _read_json_object(index, "a diffusers model index (a JSON object)")
     missing = [c for c in _REQUIRED_COMPONENTS if c not in components]
     if missing or "text_encoder_2" in components:
         kind = components.get("_class_name", "an unknown pipeline")
