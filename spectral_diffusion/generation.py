@@ -267,6 +267,14 @@ def infotext(settings: GenerationSettings, seed: int, size: tuple[int, int], mod
 _NAME = re.compile(r"(\d{5})-\d+\.png")
 
 
+def _metadata(image: Image.Image, key: str) -> object:
+    """`image.info[key]` as `generate` sets it; an image without it is refused in one line, not a KeyError."""
+    if key not in image.info:
+        raise SpectralDiffusionError(f"this image has no info[{key!r}] (generate sets it); pass the parameters text "
+                                     "to save_png(path, image, parameters)")
+    return image.info[key]
+
+
 def _png_info(parameters: str) -> PngInfo:
     info = PngInfo()
     info.add_text("parameters", parameters)
@@ -276,7 +284,7 @@ def _png_info(parameters: str) -> PngInfo:
 def save_png(path: str | Path, image: Image.Image, parameters: str | None = None) -> Path:
     """Write one PNG atomically under `path`, with A1111's `parameters` text chunk: `parameters`, else the image's
     own (`image.info["parameters"]`, as `generate` sets it)."""
-    info = _png_info(image.info["parameters"] if parameters is None else parameters)
+    info = _png_info(_metadata(image, "parameters") if parameters is None else parameters)
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
@@ -292,13 +300,14 @@ def save_images(images: Sequence[Image.Image], out_dir: str | Path) -> list[Path
     index = 1 + max((int(m[1]) for p in out.iterdir() if (m := _NAME.fullmatch(p.name))), default=-1)
     written = []
     for image in images:
+        parameters, seed = _metadata(image, "parameters"), _metadata(image, "seed")
         tmp = out / f".png-{uuid.uuid4().hex[:12]}.tmp"
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # not mkstemp's 0600: umask applies
         try:
             with os.fdopen(fd, "wb") as handle:
-                image.save(handle, format="PNG", pnginfo=_png_info(image.info["parameters"]))
+                image.save(handle, format="PNG", pnginfo=_png_info(parameters))
             while True:
-                path = out / f"{index:05d}-{image.info['seed']}.png"
+                path = out / f"{index:05d}-{seed}.png"
                 index += 1
                 try:
                     os.link(tmp, path)

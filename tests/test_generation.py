@@ -24,6 +24,7 @@ from spectral_diffusion.generation import (
     resolve_seed,
     resolve_settings,
     save_images,
+    save_png,
 )
 from spectral_diffusion.regional import Region
 from spectral_diffusion.testing.images import png_header
@@ -84,6 +85,16 @@ def test_a1111_parameters_text(tiny_pipe) -> None:
         'Steps: 3, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 9, Size: 16x16, Model: toy, '
         'Concepts: "dogA.safetensors: 1, catB.safetensors: 0.8", Regions: "a red cat:0,0,0.5,1", '
         "Region negative prompts: blue")
+
+
+def test_saving_an_image_without_generation_metadata_is_one_clear_error(tmp_path) -> None:
+    plain = Image.new("RGB", (4, 4), "red")
+    with pytest.raises(SpectralDiffusionError, match=r"no info\['parameters'\] \(generate sets it\)"):
+        save_images([plain], tmp_path)
+    with pytest.raises(SpectralDiffusionError, match=r"no info\['parameters'\]"):
+        save_png(tmp_path / "x.png", plain)
+    assert save_png(tmp_path / "x.png", plain, "given\nSteps: 1").is_file()
+    assert not list(tmp_path.glob("0*.png"))
 
 
 def test_save_images_numbers_files_and_never_overwrites(tmp_path) -> None:
