@@ -33,6 +33,8 @@ _EXPORTS: dict[str, str] = {
     "save_concept": "concept_file",
     "export_lora": "export",
     "load_base": "models",
+    "BaseSpec": "models",
+    "LoadedBase": "models",
     "save_single_file": "single_file",
     # training
     "TrainConfig": "training.config",

@@ -57,13 +57,16 @@ class Composer:
     so its token really disappears (tokenizers cannot forget an added token) and the embedding matrix shrinks.
     `allow_overlap` lets spectral concepts that share SVD columns be composed (they interfere); default refuses.
     `merge=False` applies every concept as a per-step low-rank correction instead of a merged dense weight.
+    `fingerprint`: that of `pipe` fresh from `BaseSpec.load` (`LoadedBase.fingerprint`), so it is not computed again.
     """
 
-    def __init__(self, pipe: StableDiffusionPipeline, *, allow_overlap: bool = False, merge: bool = True) -> None:
+    def __init__(self, pipe: StableDiffusionPipeline, *, allow_overlap: bool = False, merge: bool = True,
+                 fingerprint: str | None = None) -> None:
         self.pipe = pipe
         self.allow_overlap = allow_overlap
         self.merge = merge
-        self.fingerprint = pristine_fingerprint(pipe)  # LoRAs fused by `loras.set_loras` do not count
+        # concepts are checked against the base as loaded: LoRAs fused by `loras.set_loras` do not count
+        self.fingerprint = fingerprint or pristine_fingerprint(pipe)
         self._tokenizer = copy.deepcopy(pipe.tokenizer)
         self._cache: dict[Path, _Loaded] = {}
         self._live: dict[Path, _Live] = {}

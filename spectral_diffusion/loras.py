@@ -99,6 +99,8 @@ def set_loras(pipe: StableDiffusionPipeline, loras: Mapping[str | Path, float]) 
     wanted = dict(sorted(check_lora(path, weight) for path, weight in loras.items()))
     state = _STATES.get(pipe)
     if state is None:
+        if not wanted:  # nothing fused before or now: no state to keep, no fingerprint to compute
+            return
         state = _STATES[pipe] = _State(base_fingerprint(pipe.unet, pipe.text_encoder))
     if wanted == state.loras:
         return

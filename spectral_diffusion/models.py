@@ -1,6 +1,8 @@
 """Loading a base model from one `--base SPEC`: `toy`, a diffusers folder, an SD 1.x single file, or a hub id.
 
-Every command takes the same flags (`add_base_arguments`), so a model that trains also fuses and generates.
+`BaseSpec` is the one description of a base model (spec, config, allow-pickle, device, dtype): every command's
+`--base` flags come from its fields, training (`TrainConfig.base`) and the app hold one, so a model that trains also
+fuses and generates. `BaseSpec.load()` gives the pipeline with its fingerprint, computed once (`LoadedBase`).
 Single files load fully offline: diffusers' own converter with the SD 1.5 configs shipped in `configs/sd15/`
 (or `--config DIR` for a model with other shapes). Pickled checkpoints can run code when unpickled, so they are
 refused unless the user passes `--allow-pickle`: a single `.ckpt` file, and a diffusers folder whose component
@@ -9,9 +11,9 @@ holds only pickled weights (`unet/diffusion_pytorch_model.bin`).
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,6 +21,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.fingerprint import base_fingerprint
 from spectral_diffusion.single_file import check_sd1_single_file
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -91,6 +94,52 @@ def resolve_device(device: str | None = None) -> torch.device:
 def default_dtype(device: torch.device) -> torch.dtype:
     """fp16 on CUDA (half the memory, tensor cores); fp32 on CPU, which has no fast half precision."""
     return torch.float16 if device.type == "cuda" else torch.float32
+
+
+_GROUP = "base model"  # the argument group of the `--base` flags
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """Which base model, and how to load it. Each field's metadata is its flag, shared by every command
+    (`cli/options.py`); `dtype` None is fp16 on CUDA and fp32 on CPU (the trainer: from its mixed precision)."""
+
+    spec: str = field(default="toy", metadata={
+        "group": _GROUP, "flag": "--base", "metavar": "SPEC",
+        "help": "'toy' (bundled toy model), a diffusers folder, an SD 1.x .safetensors file or a hub id"})
+    config: str | None = field(default=None, metadata={
+        "group": _GROUP, "metavar": "DIR", "default_help": "shipped SD 1.5",
+        "help": "diffusers config folder for a single file whose shapes differ from SD 1.5"})
+    allow_pickle: bool = field(default=False, metadata={
+        "group": _GROUP, "help": "allow .ckpt/.pt/.pth/.bin (pickle) checkpoints"})
+    device: str | None = field(default=None, metadata={
+        "group": _GROUP, "help": "cpu, cuda or cuda:N", "default_help": "cuda if available"})
+    dtype: str | None = field(default=None, metadata={
+        "group": _GROUP, "choices": tuple(sorted(DTYPES)), "help": "weight precision",
+        "default_help": "fp16 on CUDA, fp32 on CPU"})
+
+    def check(self) -> None:
+        """Refuse a dtype name that is not one of `DTYPES`, before anything loads."""
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise SpectralDiffusionError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+    def load(self) -> LoadedBase:
+        """A fresh pipeline of this base model, with its fingerprint."""
+        self.check()
+        pipe = load_base(self.spec, device=self.device, dtype=DTYPES[self.dtype] if self.dtype else None,
+                         allow_pickle=self.allow_pickle, config=self.config)
+        return LoadedBase(self, pipe, base_fingerprint(pipe.unet, pipe.text_encoder))
+
+
+@dataclass(frozen=True)
+class LoadedBase:
+    """A base model as `BaseSpec.load` gave it. `fingerprint` is that of the weights as loaded: what runs next on
+    the fresh pipeline (training, composing, fusing) checks concepts against it instead of hashing the weights
+    again; once the weights were changed (fused), `fingerprint.base_fingerprint` says what they are."""
+
+    spec: BaseSpec
+    pipe: StableDiffusionPipeline
+    fingerprint: str
 
 
 def load_base(
@@ -246,37 +295,3 @@ def _wrap_load_errors(
         if len(reason) > 200:
             reason = reason[:200] + "..."
         raise SpectralDiffusionError(f"could not load {what}: {reason}{hint}") from exc
-
-
-def add_base_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `--base` flags every command shares."""
-    group = parser.add_argument_group("base model")
-    group.add_argument(
-        "--base", default="toy", metavar="SPEC",
-        help="'toy' (bundled toy model), a diffusers folder, an SD 1.x .safetensors file or a hub id (default: toy)",
-    )  # fmt: skip
-    group.add_argument(
-        "--config", metavar="DIR", default=None,
-        help="diffusers config folder for a single file whose shapes differ from SD 1.5 (default: shipped SD 1.5)",
-    )  # fmt: skip
-    group.add_argument(
-        "--allow-pickle", action="store_true", help="allow .ckpt/.pt/.pth/.bin (pickle) checkpoints"
-    )
-    group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    group.add_argument(
-        "--dtype",
-        choices=sorted(DTYPES),
-        default=None,
-        help="weight precision (default: fp16 on CUDA, fp32 on CPU)",
-    )
-
-
-def load_base_from_args(args: argparse.Namespace) -> StableDiffusionPipeline:
-    """`load_base` with the flags added by `add_base_arguments`."""
-    return load_base(
-        args.base,
-        device=args.device,
-        dtype=DTYPES[args.dtype] if args.dtype else None,
-        allow_pickle=args.allow_pickle,
-        config=args.config,
-    )

@@ -27,12 +27,12 @@ from safetensors.torch import save_file
 from spectral_diffusion.cli import _MessageFormat as MessageFormat
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.generation import GenerationSettings
-from spectral_diffusion.models import load_base
+from spectral_diffusion.models import BaseSpec
 from spectral_diffusion.regional import resolve_region_mode
 from spectral_diffusion.training.trainer import TrainConfig, train
 from spectral_diffusion.ui.app import _user_errors as user_errors
 from spectral_diffusion.ui.app import build_app, concept_card, launch
-from spectral_diffusion.ui.backend import INTERNAL_ERROR, Backend, BaseModel
+from spectral_diffusion.ui.backend import INTERNAL_ERROR, Backend
 from spectral_diffusion.ui.concepts import list_concepts
 from spectral_diffusion.ui.regions import HEADERS, layout_canvas, layout_rows, rows_to_regions
 from spectral_diffusion.ui.uploads import child_path, thumbnails
@@ -69,8 +69,7 @@ def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
             train(TrainConfig(photo_dir=photos, token=token, class_word=class_word, out=concepts / f"{name}.safetensors",
                               base=str(tiny_model_dir), steps=2, batch_size=1, rank=4, preview_images=previews,
                               sample_steps=1, checkpoint_every=0, concepts_dir=concepts))
-        base = BaseModel(spec=str(tiny_model_dir))
-        backend = Backend(load_base(base.spec), base=base, concepts_dir=concepts, output_dir=root / "out")
+        backend = Backend(BaseSpec(str(tiny_model_dir)).load(), concepts_dir=concepts, output_dir=root / "out")
         demo = launch(backend, port=free_port(), prevent_thread_lock=True, quiet=True)
         try:
             yield Client(demo.local_url, verbose=False, download_files=str(root / "downloads")), backend

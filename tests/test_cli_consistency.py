@@ -21,6 +21,7 @@ from spectral_diffusion.concept_file import save_concept
 from spectral_diffusion.export import lora_state_dict
 from spectral_diffusion.fusion import ties_merge
 from spectral_diffusion.generation import SCHEDULERS
+from spectral_diffusion.models import BaseSpec
 from spectral_diffusion.testing.tiny_sd import random_concept
 from spectral_diffusion.toyworld.pretrain import PretrainConfig
 from spectral_diffusion.training.config import TrainConfig
@@ -44,8 +45,7 @@ def test_each_command_module_is_named_after_its_sub_command() -> None:
 def test_flags_are_the_settings_dataclass_fields_with_its_defaults(tmp_path: Path, capsys) -> None:
     parser = build_parser()
     args = parser.parse_args(["train", "photos", "--token", "<x>", "--out", "x.safetensors"])
-    config = config_from_args(TrainConfig, args, base=args.base, base_config=args.config,
-                              allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
+    config = config_from_args(TrainConfig, args, base=config_from_args(BaseSpec, args))
     assert vars(config) == {**vars(TrainConfig("photos", "<x>", "x.safetensors")), "validation_prompts": []}
     args = parser.parse_args(["toyworld", "pretrain", "--out", "run"])
     assert config_from_args(PretrainConfig, args, PRETRAIN_FLAGS) == PretrainConfig(out=Path("run"))
@@ -91,9 +91,9 @@ def test_the_app_hints_at_its_own_share_flag(monkeypatch, capsys) -> None:
     seen = {}
     monkeypatch.setattr("spectral_diffusion.ui.app.launch", lambda backend, **kw: seen.update(kw) or Demo())
     monkeypatch.setattr("spectral_diffusion.ui.backend.Backend", lambda *a, **kw: None)
-    monkeypatch.setattr("spectral_diffusion.ui.backend.BaseModel.from_args",
-                        lambda args: argparse.Namespace(load=lambda: None))
-    args = argparse.Namespace(host="127.0.0.1", port=7860, share=False, concepts_dir="c", output_dir="o")
+    monkeypatch.setattr("spectral_diffusion.models.BaseSpec.load", lambda spec: None)
+    args = argparse.Namespace(host="127.0.0.1", port=7860, share=False, concepts_dir="c", output_dir="o",
+                              spec="toy", config=None, allow_pickle=False, device=None, dtype=None)
     assert app_cli.run(args) == 0
     assert seen["quiet"] is True  # gradio's own lines would say "set `share=True` in `launch()`"
     assert capsys.readouterr().out.splitlines() == ["* Running on local URL: http://127.0.0.1:7860/",

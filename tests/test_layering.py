@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("", "errors", "atomic", "progress"),  # "" is the package root (version, lazy public API)
     ("bands", "tokenizer", "single_file", "regional"),
-    ("svd_cache", "models"),
+    ("svd_cache",),
     ("adapters",),
-    ("fingerprint", "concept_file", "sidecar", "tokens", "export", "band_registry"),
+    ("fingerprint", "models", "concept_file", "sidecar", "tokens", "export", "band_registry"),
     ("fusion", "compose", "loras", "generation", "pipeline"),
     ("training",),
     ("testing",),

@@ -136,12 +136,11 @@ def test_cli_lora_errors_come_before_the_base_loads(files, tmp_path, capsys) -> 
 
 
 def test_app_backend_resolves_prompt_loras_in_its_loras_folder(files, tmp_path, tiny_model_dir) -> None:
-    from spectral_diffusion.models import load_base
-    from spectral_diffusion.ui.backend import Backend, BaseModel
+    from spectral_diffusion.models import BaseSpec
+    from spectral_diffusion.ui.backend import Backend
 
     concept, lora = files
-    base = BaseModel(spec=str(tiny_model_dir))
-    backend = Backend(load_base(base.spec), base=base, concepts_dir=concept.parent, output_dir=tmp_path / "out")
+    backend = Backend(BaseSpec(str(tiny_model_dir)).load(), concepts_dir=concept.parent, output_dir=tmp_path / "out")
     (tmp_path / "out" / "loras").mkdir()
     lora.rename(tmp_path / "out" / "loras" / lora.name)
     [(_, tagged)] = backend.generate(replace(SETTINGS, prompt="a photo of <lora:style:0.8> <dogA> dog"),

@@ -19,11 +19,14 @@ from transformers import CLIPTokenizer
 
 from spectral_diffusion import models
 from spectral_diffusion.adapters.targets import find_targets
+from spectral_diffusion.cli.options import add_config_arguments, config_from_args
 from spectral_diffusion.errors import SpectralDiffusionError
-from spectral_diffusion.models import SD15_CONFIG_DIR, add_base_arguments, load_base, load_base_from_args
+from spectral_diffusion.fingerprint import base_fingerprint
+from spectral_diffusion.models import SD15_CONFIG_DIR, BaseSpec, load_base
 from spectral_diffusion.single_file import clip_to_ldm, unet_to_ldm, vae_to_ldm
 from spectral_diffusion.testing.sd15 import sd15_pipeline
 from spectral_diffusion.testing.tiny_sd import build_tiny_pipeline
+from spectral_diffusion.training.config import TrainConfig
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 
@@ -97,14 +100,27 @@ def test_pickled_weights_inside_a_diffusers_folder_need_allow_pickle(tmp_path, t
 
 def test_dtype_option_and_cli_arguments(tiny_model_dir, tiny_single_file):
     parser = argparse.ArgumentParser()
-    add_base_arguments(parser)
-    assert parser.parse_args([]).base == "toy"
+    add_config_arguments(parser, BaseSpec)
+    assert config_from_args(BaseSpec, parser.parse_args([])) == BaseSpec("toy")
     args = parser.parse_args(
         ["--base", str(tiny_single_file), "--config", str(tiny_model_dir), "--dtype", "fp16"]
     )
-    pipe = load_base_from_args(args)
+    loaded = config_from_args(BaseSpec, args).load()
+    pipe = loaded.pipe
     assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == torch.float16
     assert pipe.device.type == "cpu"
+    assert loaded.fingerprint == base_fingerprint(pipe.unet, pipe.text_encoder)
+    assert loaded.spec == BaseSpec(str(tiny_single_file), config=str(tiny_model_dir), dtype="fp16")
+
+
+def test_one_base_spec_for_training_too(tmp_path):
+    config = TrainConfig(tmp_path, "<x>", tmp_path / "x.safetensors", base="./sd15", device="cpu")
+    assert config.base == BaseSpec("./sd15", device="cpu")  # a spec string, and the device shorthand
+    with pytest.raises(SpectralDiffusionError) as info:
+        BaseSpec(dtype="fp8").load()
+    assert str(info.value) == "--dtype must be one of fp32, fp16, bf16, got 'fp8'"
+    with pytest.raises(SpectralDiffusionError, match=r"^--dtype must be one of fp32, fp16, bf16, got 'fp8'$"):
+        TrainConfig(tmp_path, "<x>", tmp_path / "x.safetensors", base=BaseSpec(dtype="fp8")).check()
 
 
 @pytest.mark.parametrize(

@@ -198,11 +198,10 @@ def test_concept_tag_is_the_concepts_flag(concepts, tmp_path, tiny_model_dir, mo
 
 
 def test_app_resolves_concept_tags_in_its_concepts_folder(concepts, tmp_path, tiny_model_dir) -> None:
-    from spectral_diffusion.models import load_base
-    from spectral_diffusion.ui.backend import Backend, BaseModel
+    from spectral_diffusion.models import BaseSpec
+    from spectral_diffusion.ui.backend import Backend
 
-    base = BaseModel(spec=str(tiny_model_dir))
-    backend = Backend(load_base(base.spec), base=base, concepts_dir=concepts, output_dir=tmp_path / "out")
+    backend = Backend(BaseSpec(str(tiny_model_dir)).load(), concepts_dir=concepts, output_dir=tmp_path / "out")
     settings = replace(SETTINGS, prompt="a photo of <dogA> dog")
     [(_, tagged)] = backend.generate(replace(settings, prompt="a photo of <concept:dogA:0.7> <dogA> dog"), {})
     [(_, picked)] = backend.generate(settings, {"dogA": 0.7})

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from spectral_diffusion.models import add_base_arguments
+from spectral_diffusion.cli.options import add_config_arguments, config_from_args
+from spectral_diffusion.models import BaseSpec
 
 EPILOG = """\
 Serves on http://127.0.0.1:7860 by default, reachable from this machine only. --host 0.0.0.0 opens it to the
@@ -27,16 +28,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
     p.add_argument("--share", action="store_true", help="also create a temporary public link (off by default)")
-    add_base_arguments(p)
+    add_config_arguments(p, BaseSpec)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from spectral_diffusion.ui.app import launch
-    from spectral_diffusion.ui.backend import Backend, BaseModel
+    from spectral_diffusion.ui.backend import Backend
 
-    base = BaseModel.from_args(args)
-    backend = Backend(base.load(), base=base, concepts_dir=args.concepts_dir, output_dir=args.output_dir)
+    base = config_from_args(BaseSpec, args).load()
+    backend = Backend(base, concepts_dir=args.concepts_dir, output_dir=args.output_dir)
     # Gradio's own start-up lines tell the user to "set share=True in launch()": quiet, and say it in CLI terms.
     demo = launch(backend, host=args.host, port=args.port, share=args.share, prevent_thread_lock=True, quiet=True)
     print(f"* Running on local URL: {demo.local_url}")

@@ -7,11 +7,12 @@ import sys
 import warnings
 from pathlib import Path
 
+from spectral_diffusion.cli.options import add_config_arguments, config_from_args
 from spectral_diffusion.concept_file import read_meta
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.export import FORMATS as LORA_FORMATS
 from spectral_diffusion.fusion import METHODS, OUTPUT_FORMATS, check_output, fuse, save_fused
-from spectral_diffusion.models import add_base_arguments, load_base_from_args
+from spectral_diffusion.models import BaseSpec
 
 EPILOG = """\
 methods: spectral (default) adds every concept's exact weight change, w_i * dW_i; concepts must be additive or
@@ -74,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="gradient: sampling steps whose layer inputs are recorded per concept (default: 4)")
     p.add_argument("--record-size", type=int, default=None, metavar="PX",
                    help="gradient: image side used while recording (default: the model's native size)")
-    add_base_arguments(p)
+    add_config_arguments(p, BaseSpec)
     p.set_defaults(func=run)
 
 
@@ -86,12 +87,14 @@ def run(args: argparse.Namespace) -> int:
     if args.record_steps < 1:
         raise SpectralDiffusionError(f"--record-steps must be >= 1, got {args.record_steps}")
     prior_prompts = _read_prompts(args.prior_prompts) if args.prior_prompts else []
-    pipe = load_base_from_args(args)
+    base = config_from_args(BaseSpec, args).load()
+    pipe = base.pipe
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = fuse(args.concepts, pipe, args.method, args.weights, allow_overlap=args.allow_overlap,
                       seed=args.seed, density=args.density, ridge=args.ridge, record_steps=args.record_steps,
-                      record_size=args.record_size, prior_weight=args.prior_weight, prior_prompts=prior_prompts)
+                      record_size=args.record_size, prior_weight=args.prior_weight, prior_prompts=prior_prompts,
+                      fingerprint=base.fingerprint)
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
     paths = save_fused(pipe, report, out, args.format, lora_format=args.lora_format, overwrite=args.overwrite)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from spectral_diffusion.cli.fuse import parse_weights
+from spectral_diffusion.cli.options import add_config_arguments, config_from_args
 from spectral_diffusion.compose import Composer, check_weight
 from spectral_diffusion.concept_file import read_meta
 from spectral_diffusion.errors import SpectralDiffusionError
@@ -24,7 +26,7 @@ from spectral_diffusion.generation import (
     save_images,
 )
 from spectral_diffusion.loras import parse_lora_arg, set_loras
-from spectral_diffusion.models import add_base_arguments, load_base_from_args
+from spectral_diffusion.models import BaseSpec
 from spectral_diffusion.pipeline import CONCEPTS_DIR, merge_weights, prompt_tags
 from spectral_diffusion.progress import is_terminal
 from spectral_diffusion.regional import REGION_MODE_CHOICES, parse_region
@@ -101,7 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="attention: regions' prompts blended in cross-attention; latent: each region denoised on its "
                         "own latent window, predictions blended by the masks; auto: latent when every region spans "
                         "the model's native size, else attention (default: auto)")
-    add_base_arguments(p)
+    add_config_arguments(p, BaseSpec)
     p.set_defaults(func=run)
 
 
@@ -140,9 +142,9 @@ def run(args: argparse.Namespace) -> int:
     settings = GenerationSettings(prompt=tags.prompt, negative=args.negative, steps=args.steps,
                                   guidance=args.guidance, scheduler=args.sampler, seed=resolve_seed(args.seed),
                                   size=args.size, n=args.n, regions=regions, region_mode=args.region_mode)
-    if args.model:
-        args.base = args.model
-    pipe = load_base_from_args(args)
+    spec = config_from_args(BaseSpec, args)
+    base = replace(spec, spec=args.model).load() if args.model else spec.load()
+    pipe = base.pipe
     settings = resolve_settings(pipe, settings, args.max_pixels)
     if regions:
         width, height = settings.size
@@ -154,12 +156,12 @@ def run(args: argparse.Namespace) -> int:
         concepts = {Path(c["path"]).name if c.get("path") else c["token"]: c["weight"]
                     for c in fusion.get("concepts", [])}
     elif live:
-        composer = Composer(pipe)
+        composer = Composer(pipe, fingerprint=base.fingerprint)
         composer.set_concepts(live)
         concepts = {path.name: weight for path, weight in live.items()}
         scope = composer.scope
     set_loras(pipe, loras)
-    model = Path(args.model).name if args.model else args.base
+    model = Path(args.model).name if args.model else spec.spec
     pipe.set_progress_bar_config(disable=not is_terminal(), desc=f"sampling {settings.n} image(s)", leave=False)
     images = generate(pipe, settings, model=model, concepts=concepts, scope=scope, max_pixels=args.max_pixels,
                       loras={path.name: weight for path, weight in loras.items()})

@@ -1,5 +1,8 @@
 """Command-line flags derived from a settings dataclass, so a setting's name, default and help have one home.
 
+Every command's `--base` flags are `models.BaseSpec`'s fields (`add_config_arguments(parser, BaseSpec)`, then
+`config_from_args(BaseSpec, args)`); `train` adds `TrainConfig`'s, `toyworld pretrain` `PretrainConfig`'s.
+
 A field becomes a flag when it has help: in its `field(metadata=...)`, or in a table given for a dataclass whose
 module does not carry it. The keys:
 
@@ -7,6 +10,7 @@ module does not carry it. The keys:
 - `group`: the argument group that lists it (none: the command's own options);
 - `flag`: its name when not `--field-name` (a switch whose field defaults to true: `--no-field-name`);
 - `positional`: true for an argument without a flag; `metavar`: its placeholder in the usage line;
+- `choices`: the values a flag takes (argparse refuses others while parsing);
 - `default_help`: what `(default: ...)` says where the value does not say it (`None`, a switch, a list).
 
 The annotation gives the parsing: `bool` a switch, a `Sequence` a repeatable flag, `int`, `float` and `Path` their
@@ -55,7 +59,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type, table: M
             required = field.default is dataclasses.MISSING
             target.add_argument(name, dest=field.name, type=parse, required=required,
                                 default=None if required else field.default, metavar=spec.get("metavar"),
-                                help=helped)
+                                choices=spec.get("choices"), help=helped)
 
 
 def config_from_args(config: type[T], args: argparse.Namespace, table: Mapping[str, Spec] | None = None,

@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 
 from spectral_diffusion.cli.options import add_config_arguments, config_from_args
-from spectral_diffusion.models import add_base_arguments
+from spectral_diffusion.models import BaseSpec
 from spectral_diffusion.toyworld.pretrain import PretrainConfig
 
 # `toyworld pretrain` flags: PretrainConfig's fields with their help (cli/options.py), the defaults are its own.
@@ -77,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     k.set_defaults(func=_captions)
 
     e = sub.add_parser("eval-base", help="judge the base model on vocabulary prompts (shape/colour/background)")
-    add_base_arguments(e)
+    add_config_arguments(e, BaseSpec)
     e.add_argument("--num", type=int, default=64, help="prompts, one image each (default: %(default)s)")
     e.add_argument("--steps", type=int, default=20, help="sampling steps (default: %(default)s)")
     e.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default: %(default)s)")
@@ -128,11 +128,10 @@ def _train_judge(args: argparse.Namespace) -> None:
 
 
 def _eval_base(args: argparse.Namespace) -> None:
-    from spectral_diffusion.models import load_base_from_args
     from spectral_diffusion.toyworld.evaluate import evaluate_base, image_grid
     from spectral_diffusion.toyworld.judge import Judge
 
-    pipe = load_base_from_args(args)
+    pipe = config_from_args(BaseSpec, args).load().pipe
     metrics, images, _ = evaluate_base(pipe, Judge.load(), num=args.num, seed=args.seed, steps=args.steps,
                                        guidance=args.guidance)
     if args.grid is not None:

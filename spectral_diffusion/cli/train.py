@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from spectral_diffusion.cli.options import add_config_arguments, config_from_args
-from spectral_diffusion.models import add_base_arguments
+from spectral_diffusion.models import BaseSpec
 from spectral_diffusion.training.config import TrainConfig
 
 EPILOG = """\
@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="train a concept (adapter band + new token) from a folder of photos",
         description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_base_arguments(p)
+    add_config_arguments(p, BaseSpec)  # the --base flags every command shares
     add_config_arguments(p, TrainConfig)  # every other flag: TrainConfig's fields, their defaults and help
     p.set_defaults(func=run)
 
@@ -31,7 +31,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from spectral_diffusion.training.trainer import train
 
-    config = config_from_args(TrainConfig, args, base=args.base, base_config=args.config,
-                              allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
+    config = config_from_args(TrainConfig, args, base=config_from_args(BaseSpec, args))
     print(train(config))
     return 0

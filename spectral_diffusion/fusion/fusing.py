@@ -139,14 +139,15 @@ def fuse(concepts: Sequence[Concept | str | Path], pipe: StableDiffusionPipeline
          weights: Sequence[float] | None = None, *, allow_overlap: bool = False, seed: int = 0,
          density: float = 0.5, ridge: float = 1e-4, record_steps: int = 4,
          record_size: int | None = None, prior_weight: float = 1.0,
-         prior_prompts: Sequence[str] = ()) -> FusionReport:
+         prior_prompts: Sequence[str] = (), fingerprint: str | None = None) -> FusionReport:
     """Merge `concepts` into `pipe`'s UNet / text-encoder weights in place and add all their tokens.
 
     `density`: fraction of entries kept by `ties` / `dare`; `seed`: DARE's drop pattern and gradient fusion's
     sampling noise; `ridge`: gradient and closed-form fusion; `record_steps`, `record_size` (px, default the model's
     native size): gradient fusion; `prior_weight`: closed-form fusion's weight of ordinary prompts, `prior_prompts`:
     more of them (captions of the base model's domain, as Custom Diffusion regularises with LAION captions).
-    Every check runs before the pipeline is touched.
+    `fingerprint`: that of `pipe` fresh from `BaseSpec.load` (`LoadedBase.fingerprint`), so the weights are not
+    hashed again; computed when not given. Every check runs before the pipeline is touched.
     """
     start = time.perf_counter()
     weights = [1.0] * len(concepts) if weights is None else [float(w) for w in weights]
@@ -161,7 +162,7 @@ def fuse(concepts: Sequence[Concept | str | Path], pipe: StableDiffusionPipeline
         if other:
             raise SpectralDiffusionError(
                 f"spectral fusion needs additive or rotational concepts ({'; '.join(other)}); use --method sum")
-    fingerprint = base_fingerprint(pipe.unet, pipe.text_encoder)
+    fingerprint = fingerprint or base_fingerprint(pipe.unet, pipe.text_encoder)
     check_concepts(loaded, fingerprint, pipe.tokenizer, check_bands=method == "spectral", allow_overlap=allow_overlap)
     modules = adaptable_layers(pipe.unet, pipe.text_encoder)
     scale = 1 / len(loaded) if method == "mean" else 1.0

@@ -29,17 +29,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw, ImageFont
 
 from spectral_diffusion.atomic import atomic_write
 from spectral_diffusion.compose import Composer
 from spectral_diffusion.concept_file import read_meta
 from spectral_diffusion.errors import SpectralDiffusionError
-from spectral_diffusion.fingerprint import base_fingerprint
 from spectral_diffusion.fusion import fuse
 from spectral_diffusion.generation import save_png
-from spectral_diffusion.models import load_base
+from spectral_diffusion.models import BaseSpec, LoadedBase
 from spectral_diffusion.toyworld import concepts
 from spectral_diffusion.toyworld.judge import Judge
 from spectral_diffusion.toyworld.recipe import RECIPE
@@ -158,22 +156,21 @@ def _reusable(path: Path, config: TrainConfig, band: int, fingerprint: str) -> b
     return True
 
 
-def train_concepts(config: DemoConfig, photos: dict[str, Path], pipe: StableDiffusionPipeline,
+def train_concepts(config: DemoConfig, photos: dict[str, Path], base: LoadedBase,
                    log: Callable[[str], None]) -> dict[str, Path]:
-    """Concept `i` of `config.concepts` trained in band `i` on `pipe` (the base, handed back unchanged), or reused
-    from an earlier run."""
-    fingerprint = base_fingerprint(pipe.unet, pipe.text_encoder)
+    """Concept `i` of `config.concepts` trained in band `i` on the base (handed back unchanged), or reused from an
+    earlier run."""
     paths = {}
     for band, name in enumerate(config.concepts):
         out = config.out / "concepts" / f"{name}.safetensors"
         train_config = RECIPE.train_config(name, photos[name], out, band=band, variant=config.variant,
                                            base=config.base, device=config.device, seed=config.seed,
                                            overwrite=config.overwrite, steps=config.steps)
-        if _reusable(out, train_config, band, fingerprint):
+        if _reusable(out, train_config, band, base.fingerprint):
             log(f"reusing {out}")
         else:
             start = time.perf_counter()
-            train(train_config, pipe)
+            train(train_config, base.pipe)
             log(f"trained {name} in band {band} ({config.steps} steps, {time.perf_counter() - start:.0f} s): {out}")
         paths[name] = out
     return paths
@@ -251,14 +248,15 @@ def run_demo(config: DemoConfig, judge: Judge | None = None, log: Callable[[str]
     start = time.perf_counter()
     out = Path(config.out)
     photos = write_photos(config.concepts, out / "photos")
-    pipe = load_base(config.base, device=config.device)
-    paths = train_concepts(config, photos, pipe, log)
+    base = BaseSpec(config.base, device=config.device).load()
+    pipe = base.pipe
+    paths = train_concepts(config, photos, base, log)
     timings["train"] = time.perf_counter() - start
 
     sampling = Sampling(steps=config.sample_steps, guidance=config.guidance, n=config.seeds)
     names = list(paths)
     pairs = [(names[i], names[(i + 1) % len(names)]) for i in range(len(names) if len(names) > 2 else 1)]
-    composer = Composer(pipe)
+    composer = Composer(pipe, fingerprint=base.fingerprint)
     single = {}
     for name, path in paths.items():
         composer.set_concepts({path: 1.0})
@@ -269,7 +267,7 @@ def run_demo(config: DemoConfig, judge: Judge | None = None, log: Callable[[str]
         regional = [score_regional(pipe, judge, a, b, sampling, mode="latent", model=f"{config.base}+live",
                                    scope=composer.scope) for a, b in pairs]
     composer.clear()
-    report = fuse(list(paths.values()), pipe, **RECIPE.fuse_options(config.fusion))
+    report = fuse(list(paths.values()), pipe, fingerprint=base.fingerprint, **RECIPE.fuse_options(config.fusion))
     log(report.summary())
     fused = {name: score_concept(pipe, judge, name, sampling, config.new_background, model=f"{config.base}+fused")
              for name in paths}

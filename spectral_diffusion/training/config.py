@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field, replace
 from pathlib import Path
 
 from spectral_diffusion.adapters import AdapterConfig
 from spectral_diffusion.atomic import check_writable
 from spectral_diffusion.concept_file import canonical_token
 from spectral_diffusion.errors import SpectralDiffusionError, check_number
-from spectral_diffusion.models import DTYPES
+from spectral_diffusion.models import BaseSpec
 from spectral_diffusion.sidecar import sidecar_path
 from spectral_diffusion.training.checkpoint import checkpoint_dir
 
@@ -51,8 +51,9 @@ _ADAPTER, _OPTIMISATION, _TOKEN, _DATA, _BOOKKEEPING = "adapter", "optimisation"
 class TrainConfig:
     """Everything a training run depends on; `None` defaults are resolved from the model or the variant.
 
-    Each field's metadata is its `spectral-diffusion train` flag (`cli/options.py`); the base-model fields are the
-    flags every command shares (`models.add_base_arguments`).
+    Each field's metadata is its `spectral-diffusion train` flag (`cli/options.py`); `base` is the model trained on
+    (`BaseSpec`: the flags every command shares), given as a spec or as its `spec` string. `device` is a shorthand
+    for `base`'s device. The base's `dtype` None means the weights' precision follows `mixed_precision`.
     """
 
     photo_dir: str | Path = field(metadata={
@@ -62,12 +63,8 @@ class TrainConfig:
     class_word: str = field(default="", metadata={
         "help": "what the concept is (dog, person, ...): initialises the token embedding and fills {class_word} in "
                 "captions", "default_help": "none"})
-    # base model (see models.load_base)
-    base: str = "toy"
-    base_config: str | None = None
-    allow_pickle: bool = False
-    device: str | None = None
-    dtype: str | None = None  # weights: fp32/fp16/bf16; None: from mixed_precision
+    base: BaseSpec | str = field(default_factory=BaseSpec)
+    device: InitVar[str | None] = None
     variant: str = field(default=AdapterConfig.variant, metadata={
         "group": _ADAPTER, "help": "additive | rotational (Spectral Adapter bands) | lora | ortho (baselines)"})
     band: int | str = field(default="auto", metadata={
@@ -148,6 +145,12 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata={
         "help": "replace an existing --out (and its old checkpoints)"})
 
+    def __post_init__(self, device: str | None) -> None:
+        if isinstance(self.base, str):
+            self.base = BaseSpec(self.base)
+        if device is not None:
+            self.base = replace(self.base, device=device)
+
     def check(self) -> None:
         """Refuse bad settings before anything slow happens (including an existing `out` without `overwrite`), and
         spell the token as it is stored (lower case: the trigger word that works here, in diffusers and in A1111)."""
@@ -192,8 +195,7 @@ class TrainConfig:
             check_number(value, f"--{name}", low=0)
         if not 0 <= self.mask_floor <= 1:
             raise SpectralDiffusionError(f"--mask-floor must be between 0 and 1, got {self.mask_floor}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise SpectralDiffusionError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        self.base.check()
         if self.resolution is not None and self.resolution < 8:
             raise SpectralDiffusionError(f"--resolution must be at least 8, got {self.resolution}")
         check_writable(out.parent)

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -52,7 +52,7 @@ from spectral_diffusion.concept_file import Concept, ConceptMeta, save_concept
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.fingerprint import base_fingerprint
 from spectral_diffusion.generation import GenerationSettings, generate, native_size, save_png
-from spectral_diffusion.models import DTYPES, load_base
+from spectral_diffusion.models import DTYPES
 from spectral_diffusion.progress import StepProgress
 from spectral_diffusion.sidecar import write_sidecar
 from spectral_diffusion.tokens import (
@@ -200,20 +200,22 @@ class Trainer:
                     f"{self.ckpt_dir} holds checkpoints of an earlier run: pass --resume to continue it "
                     "or --overwrite to start over")
             shutil.rmtree(self.ckpt_dir)
-        on_cpu = config.device == "cpu" or (config.device is None and not torch.cuda.is_available())
+        device = config.base.device
+        on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
         mixed = config.mixed_precision
         if on_cpu and mixed != "no":
             log.warning("--mixed-precision %s needs a GPU: training in fp32 on the CPU", mixed)
             mixed = "no"
         self.accelerator = _accelerator(mixed, config.grad_accum, on_cpu)
-        self.weight_dtype = DTYPES[config.dtype or {"no": "fp32"}.get(mixed, mixed)]
+        dtype = config.base.dtype or {"no": "fp32"}.get(mixed, mixed)
+        self.weight_dtype = DTYPES[dtype]
         self.checkpoint = load_latest(self.ckpt_dir) if config.resume else None
         if config.resume and self.checkpoint is None:
             log.warning("no checkpoint in %s: starting from the beginning", self.ckpt_dir)
         self._given: tuple[Any, int] | None = None  # a caller's pipeline: its tokenizer and embedding rows
         if pipe is None:
-            pipe = load_base(config.base, device=str(self.accelerator.device), dtype=self.weight_dtype,
-                             allow_pickle=config.allow_pickle, config=config.base_config)
+            base = replace(config.base, device=str(self.accelerator.device), dtype=dtype).load()
+            pipe, self.fingerprint = base.pipe, base.fingerprint
         else:
             if adapter_layers(pipe.unet, pipe.text_encoder):
                 raise SpectralDiffusionError("the pipeline has live concepts or adapters; train on the plain base "
@@ -221,6 +223,7 @@ class Trainer:
             pipe.to(self.accelerator.device)
             self.weight_dtype = pipe.unet.dtype
             self._given = (copy.deepcopy(pipe.tokenizer), pipe.text_encoder.get_input_embeddings().num_embeddings)
+            self.fingerprint = base_fingerprint(pipe.unet, pipe.text_encoder)
         self.pipe = pipe
         try:
             self._setup()
@@ -233,7 +236,6 @@ class Trainer:
     def _setup(self) -> None:
         config, pipe = self.config, self.pipe
         self.resolution = self._resolution()
-        self.fingerprint = base_fingerprint(pipe.unet, pipe.text_encoder)
         check_new_token(pipe.tokenizer, config.token, config.num_vectors)
         self.data = ExampleSet(load_folder(config.photo_dir, self.resolution, config.token, config.class_word,
                                            CONCEPT_TEMPLATE), self.resolution, config.flip)
@@ -550,7 +552,7 @@ class Trainer:
         try:
             settings = GenerationSettings(prompt=prompt, steps=self.config.sample_steps, seed=self.config.seed, n=n,
                                           size=(self.resolution, self.resolution), scheduler="ddim")
-            return generate(self.pipe, settings, model=self.config.base, concepts={self.config.token: 1.0})
+            return generate(self.pipe, settings, model=self.config.base.spec, concepts={self.config.token: 1.0})
         finally:
             self.model.train()
 
@@ -617,7 +619,7 @@ class Trainer:
 
     def _write_sidecar(self, meta: ConceptMeta, preview: Path | None) -> None:
         write_sidecar(self.out, meta, example_prompt=self.default_prompt(),
-                      base_model=_spec_for_listing(self.config.base), steps=self.config.steps, images=len(self.data),
+                      base_model=_spec_for_listing(self.config.base.spec), steps=self.config.steps, images=len(self.data),
                       preview=preview)
 
 

@@ -8,7 +8,6 @@ so generating goes on while a concept trains.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import tempfile
@@ -16,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import MISSING, dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 import pandas as pd
@@ -30,7 +29,7 @@ from spectral_diffusion.export import Exported, export_lora, textual_inversion_p
 from spectral_diffusion.fusion import FusionReport, fuse, save_fused
 from spectral_diffusion.generation import GenerationSettings, generate, save_images, save_png
 from spectral_diffusion.loras import set_loras
-from spectral_diffusion.models import DTYPES, load_base, training_defaults
+from spectral_diffusion.models import LoadedBase, training_defaults
 from spectral_diffusion.pipeline import merge_weights, prompt_tags
 from spectral_diffusion.training.config import preview_path
 from spectral_diffusion.training.data import CONCEPT_TEMPLATE, fill_caption
@@ -41,28 +40,6 @@ from spectral_diffusion.ui.uploads import check_images, child_path
 log = logging.getLogger(__name__)
 
 INTERNAL_ERROR = "unexpected internal error (details are in the server log)"
-
-
-@dataclass(frozen=True)
-class BaseModel:
-    """How the base model was given on the command line, so training and fusion load the same model."""
-
-    spec: str = "toy"
-    config: str | None = None
-    allow_pickle: bool = False
-    device: str | None = None
-    dtype: str | None = None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> BaseModel:
-        """From the flags `models.add_base_arguments` adds."""
-        return cls(spec=args.base, config=args.config, allow_pickle=args.allow_pickle, device=args.device,
-                   dtype=args.dtype)
-
-    def load(self) -> StableDiffusionPipeline:
-        """A fresh pipeline of this base model."""
-        return load_base(self.spec, device=self.device, dtype=DTYPES[self.dtype] if self.dtype else None,
-                         allow_pickle=self.allow_pickle, config=self.config)
 
 
 @dataclass
@@ -148,20 +125,19 @@ def report_steps(pipe: StableDiffusionPipeline, on_step: Callable[[int, int], No
 class Backend:
     """What the web UI calls: concepts, generation with live composition, training, fusion, LoRA export."""
 
-    def __init__(self, pipe: StableDiffusionPipeline, *, base: BaseModel, concepts_dir: str | Path,
-                 output_dir: str | Path) -> None:
-        self.pipe = pipe
-        self.base = base
+    def __init__(self, loaded: LoadedBase, *, concepts_dir: str | Path, output_dir: str | Path) -> None:
+        self.pipe = loaded.pipe
+        self.base = loaded.spec  # training and fusion load this same model again
         self.concepts_dir = Path(concepts_dir).resolve()
         self.output_dir = Path(output_dir).resolve()
         self.concepts_dir.mkdir(parents=True, exist_ok=True)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.composer = Composer(pipe)
+        self.composer = Composer(self.pipe, fingerprint=loaded.fingerprint)
         self.fingerprint = self.composer.fingerprint
         self._pipe_lock = threading.Lock()
         self._job_lock = threading.Lock()
         self.job: TrainingJob | None = None
-        self.train_defaults = recipe_for(base.spec)
+        self.train_defaults = recipe_for(self.base.spec)
         self._no_preview: set[Path] = set()  # concepts whose preview failed to render: not retried
 
     # ---- concepts ------------------------------------------------------------------------------------------
@@ -246,9 +222,7 @@ class Backend:
             for i, image in enumerate(images):
                 shutil.copyfile(image, folder / f"{i:03d}{image.suffix.lower()}")
             config = TrainConfig(photo_dir=folder, token=token.strip(), out=out, class_word=class_word.strip(),
-                                 base=self.base.spec, base_config=self.base.config,
-                                 allow_pickle=self.base.allow_pickle, device=self.base.device,
-                                 dtype=self.base.dtype, concepts_dir=self.concepts_dir,
+                                 base=self.base, concepts_dir=self.concepts_dir,
                                  **{**self.train_defaults,
                                     **{k: int(v) for k, v in {"steps": steps, "rank": rank}.items() if v is not None},
                                     **sampling})
@@ -295,9 +269,10 @@ class Backend:
         folder = self.output_dir / "models"
         folder.mkdir(exist_ok=True)
         out = _unused(child_path(folder, out_name, what="output name"))
-        pipe = self.base.load()
-        report = fuse(paths, pipe, method, list(concepts.values()), density=density)
-        return report, save_fused(pipe, report, out, fmt)
+        base = self.base.load()
+        report = fuse(paths, base.pipe, method, list(concepts.values()), density=density,
+                      fingerprint=base.fingerprint)
+        return report, save_fused(base.pipe, report, out, fmt)
 
     def export(self, name: str, fmt: str, out_name: str = "") -> Exported:
         """Write concept `name` as a LoRA (+ its token embedding) to `<output>/loras/<out_name>.safetensors`."""
@@ -309,8 +284,7 @@ class Backend:
         return export_lora(concept.path, out, fmt)
 
 
-_PER_RUN = frozenset({"photo_dir", "token", "out", "class_word", "base", "base_config", "allow_pickle", "device",
-                      "dtype", "concepts_dir"})
+_PER_RUN = frozenset({"photo_dir", "token", "out", "class_word", "base", "concepts_dir"})
 
 
 def recipe_for(spec: str) -> dict[str, object]:
@@ -318,12 +292,12 @@ def recipe_for(spec: str) -> dict[str, object]:
     recommends (`models.training_defaults`) in their place. Only optimisation and adapter settings may come from
     the file; what names the run (photos, token, output, base) is the app's."""
     recommended = training_defaults(spec)
-    fields = {name: f for name, f in TrainConfig.__dataclass_fields__.items() if name not in _PER_RUN}
-    unknown = sorted(set(recommended) - set(fields))
+    settings = {f.name: f for f in fields(TrainConfig) if f.name not in _PER_RUN}
+    unknown = sorted(set(recommended) - set(settings))
     if unknown:
         raise SpectralDiffusionError(f"the training defaults of base {spec!r} name unknown settings: "
                                      f"{', '.join(unknown)}")
-    defaults = {name: f.default for name, f in fields.items() if f.default is not MISSING}
+    defaults = {name: f.default for name, f in settings.items() if f.default is not MISSING}
     return {**defaults, **recommended}
 
 
