@@ -12,7 +12,7 @@ weight on the first step after a change (`AdapterLayer.merge_live`), so a step w
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +21,9 @@ from diffusers import StableDiffusionPipeline
 
 from spectral_diffusion.adapters.inject import load_adapter, remove_adapters
 from spectral_diffusion.adapters.layers import AdapterLayer
-from spectral_diffusion.concept_file import Concept, load_concept
+from spectral_diffusion.concept_file import Concept, load_concept, read_meta
 from spectral_diffusion.errors import check_number
-from spectral_diffusion.fusion import add_tokens, check_concepts
+from spectral_diffusion.fusion import add_tokens, check_concepts, weights_for
 from spectral_diffusion.loras import pristine_fingerprint
 from spectral_diffusion.tokens import resize_embeddings
 
@@ -34,6 +34,17 @@ MAX_WEIGHT = 100.0
 def check_weight(weight: object, concept: str | Path) -> float:
     """A concept's weight as a float; NaN, infinities and weights beyond +-MAX_WEIGHT are refused in one line."""
     return check_number(weight, f"the weight of {Path(concept).name}", low=-MAX_WEIGHT, high=MAX_WEIGHT)
+
+
+def concept_weights(concepts: Sequence[str | Path], weights: Sequence[float] | None = None) -> dict[Path, float]:
+    """Concept files (absolute paths) with their weights, 1 each when None, for `Composer.set_concepts`; checked
+    before any model loads: the number of weights, each weight (`check_weight`), then each file's metadata (a
+    missing or foreign file)."""
+    checked = {Path(c).expanduser().absolute(): check_weight(w, c)
+               for c, w in zip(concepts, weights_for(len(concepts), weights), strict=True)}
+    for concept in concepts:
+        read_meta(concept)
+    return checked
 
 
 @dataclass(frozen=True)

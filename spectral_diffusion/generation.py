@@ -116,6 +116,13 @@ class GenerationSettings:
                 f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         check_region_mode(self.region_mode)
 
+    def check_size(self, max_pixels: int = MAX_PIXELS) -> None:
+        """What can be refused of the canvas before a model loads: a limit below one pixel, a given size over it
+        (`resolve_settings` checks the rest once the model says its native size)."""
+        _check_limit(max_pixels)
+        if self.size is not None:
+            check_canvas(*self.size, max_pixels)
+
 
 def native_size(pipe: StableDiffusionPipeline) -> tuple[int, int]:
     """(width, height) the UNet was trained at: its sample size times the VAE's downsampling."""
@@ -138,10 +145,16 @@ def resolve_seed(seed: int | None) -> int:
 
 def check_canvas(width: int, height: int, max_pixels: int = MAX_PIXELS, why: str = "") -> None:
     """Refuse a canvas of more than `max_pixels` pixels; `why` says where the size came from, if not the user."""
+    _check_limit(max_pixels)
     if width * height > max_pixels:
         raise SpectralDiffusionError(
             f"size {width}x{height}{why} is {width * height} pixels, over the limit of {max_pixels} "
             f"(raise it with --max-pixels if this machine can draw that much)")
+
+
+def _check_limit(max_pixels: int) -> None:
+    if max_pixels < 1:
+        raise SpectralDiffusionError(f"--max-pixels must be >= 1, got {max_pixels}")
 
 
 def check_output_dir(path: str | Path) -> Path:

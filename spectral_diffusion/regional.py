@@ -134,6 +134,17 @@ def parse_region(spec: str, *, negative: str | None = None, feather: float = 0.0
     return Region(prompt.strip(), box=(x0, y0, x1, y1), negative=negative, feather=feather)
 
 
+def parse_regions(specs: Sequence[str], *, negatives: Sequence[str | None] = (),
+                  feather: float = 0.0) -> tuple[Region, ...]:
+    """`parse_region` of each spec, the i-th with the i-th of `negatives` (none left: the global negative prompt);
+    more negatives than regions are refused, since one would be dropped unseen."""
+    if len(negatives) > len(specs):
+        raise SpectralDiffusionError(f"{len(negatives)} --region-negative given for {len(specs)} --region")
+    padded = [*negatives, *[None] * (len(specs) - len(negatives))]
+    return tuple(parse_region(spec, negative=negative or None, feather=feather)
+                 for spec, negative in zip(specs, padded, strict=True))
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)

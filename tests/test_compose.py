@@ -10,7 +10,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from spectral_diffusion.adapters.inject import adapter_layers
-from spectral_diffusion.compose import Composer
+from spectral_diffusion.compose import Composer, concept_weights
 from spectral_diffusion.concept_file import load_concept, save_concept
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.fusion import fuse
@@ -30,6 +30,18 @@ def paths(tmp_path, tiny_pipe):
     concepts = [random_concept(tiny_pipe, band=0, token="<doga>", seed=1, targets="attn+ff"),
                 random_concept(tiny_pipe, variant="rotational", band=1, token="<catb>", seed=2)]
     return [save_concept(tmp_path / f"c{i}.safetensors", c) for i, c in enumerate(concepts)]
+
+
+def test_concept_weights_are_checked_before_a_base_loads(tmp_path, paths) -> None:
+    assert concept_weights(paths, [1, 0.5]) == {paths[0].absolute(): 1.0, paths[1].absolute(): 0.5}
+    assert concept_weights(paths) == dict.fromkeys((p.absolute() for p in paths), 1.0)
+    missing = tmp_path / "missing.safetensors"
+    for args, message in [((paths, [1.0]), "1 weights given for 2 concepts"),
+                          (([missing], [float("nan")]), "the weight of missing.safetensors must be a finite number"),
+                          (([missing],), f"concept file {missing} not found")]:
+        with pytest.raises(SpectralDiffusionError) as info:
+            concept_weights(*args)
+        assert str(info.value).startswith(message)
 
 
 def test_live_composition_equals_the_fused_model(tiny_model_dir, tiny_pipe, paths) -> None:

@@ -21,10 +21,12 @@ from spectral_diffusion.fusion import (
     GradientStats,
     _GramRecorder,
     add_tokens,
+    check_request,
     dare_merge,
     fuse,
     merged_delta,
     ordinary_prompts,
+    read_prompts,
     record_gradient_stats,
     record_text_stats,
     save_fused,
@@ -149,6 +151,27 @@ def test_argument_errors(tiny_pipe, concepts) -> None:
         fuse(concepts, tiny_pipe, "avg")
     with pytest.raises(SpectralDiffusionError, match="density must be in"):
         fuse(concepts, tiny_pipe, "ties", density=0)
+
+
+def test_the_request_is_checked_before_a_base_loads(tmp_path, concepts) -> None:
+    """`check_request` is what `fuse` refuses without the pipeline, in the words the CLI prints."""
+    assert check_request(concepts, weights=[1, 0.5]) == [1.0, 0.5]
+    missing = str(tmp_path / "missing.safetensors")
+    for args, kwargs, message in [
+        ((concepts, "gradient"), {"record_steps": 0}, "--record-steps must be >= 1, got 0"),
+        ((concepts, "spectral", [1.0]), {}, "1 weights given for 2 concepts"),
+        (([missing],), {}, f"concept file {missing} not found"),
+        ((concepts, "sum"), {"prior_prompts": ["a dog"]}, "prior prompts are for closed-form fusion; sum does not "
+                                                          "use them"),
+    ]:
+        with pytest.raises(SpectralDiffusionError) as info:
+            check_request(*args, **kwargs)
+        assert str(info.value) == message
+    (tmp_path / "prompts.txt").write_text(" a dog \n\nthe sea\n", encoding="utf-8")
+    assert read_prompts(tmp_path / "prompts.txt") == ["a dog", "the sea"]
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
+    with pytest.raises(SpectralDiffusionError, match=r"^--prior-prompts .*latin1.txt: cannot read it as UTF-8 text"):
+        read_prompts(tmp_path / "latin1.txt")
 
 
 def test_allow_overlap_warns_and_fuses(tiny_pipe, concepts) -> None:

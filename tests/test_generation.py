@@ -231,6 +231,15 @@ def test_canvas_is_bounded(tiny_pipe) -> None:
     assert image.size == (16, 16)
 
 
+def test_the_canvas_is_checked_before_a_model_loads() -> None:
+    GenerationSettings("a dog").check_size(1)  # no size: the model decides it later
+    with pytest.raises(SpectralDiffusionError) as info:
+        GenerationSettings("a dog").check_size(0)
+    assert str(info.value) == "--max-pixels must be >= 1, got 0"
+    with pytest.raises(SpectralDiffusionError, match=r"^size 32x32 is 1024 pixels, over the limit of 1000 "):
+        GenerationSettings("a dog", size=(32, 32)).check_size(1000)
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--concepts", "x.safetensors", "--weights", "nan"], "the weight of x.safetensors must be a finite number"),
     (["--concepts", "x.safetensors", "--weights", "inf"], "the weight of x.safetensors must be a finite number"),

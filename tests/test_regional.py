@@ -16,6 +16,7 @@ from spectral_diffusion.regional import (
     fitting_canvas,
     latent_window,
     parse_region,
+    parse_regions,
     region_mask,
     regional_prompting,
     resolve_region_mode,
@@ -46,6 +47,14 @@ def test_parse_region_uses_last_colon_and_box() -> None:
 def test_parse_region_errors_are_clear(spec: str, message: str) -> None:
     with pytest.raises(SpectralDiffusionError, match=message):
         parse_region(spec)
+
+
+def test_regions_take_their_negatives_in_order_and_no_extra_one() -> None:
+    left, right = parse_regions(["a dog:0,0,0.5,1", "a cat:0.5,0,1,1"], negatives=["blue"], feather=0.1)
+    assert (left.negative, right.negative, right.feather) == ("blue", None, 0.1)
+    with pytest.raises(SpectralDiffusionError) as info:
+        parse_regions(["a dog:0,0,0.5,1"], negatives=["blue", "red"])
+    assert str(info.value) == "2 --region-negative given for 1 --region"
 
 
 def test_box_mask_covers_exactly_the_box() -> None:

@@ -8,10 +8,16 @@ import warnings
 from pathlib import Path
 
 from spectral_diffusion.cli.options import add_config_arguments, config_from_args
-from spectral_diffusion.concept_file import read_meta
-from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.export import FORMATS as LORA_FORMATS
-from spectral_diffusion.fusion import METHODS, OUTPUT_FORMATS, check_output, fuse, save_fused
+from spectral_diffusion.fusion import (
+    METHODS,
+    OUTPUT_FORMATS,
+    check_output,
+    check_request,
+    fuse,
+    read_prompts,
+    save_fused,
+)
 from spectral_diffusion.models import BaseSpec
 
 EPILOG = """\
@@ -33,14 +39,6 @@ def parse_weights(text: str) -> list[float]:
         return [float(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"weights must be comma-separated numbers such as 1,0.8, got {text!r}") from None
-
-
-def _read_prompts(path: str) -> list[str]:
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpectralDiffusionError(f"--prior-prompts {path}: cannot read it as UTF-8 text ({exc})") from None
-    return [line.strip() for line in lines if line.strip()]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -82,19 +80,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_output(out, args.overwrite)
-    for concept in args.concepts:  # a missing or foreign file is said before the (slow) base model loads
-        read_meta(concept)
-    if args.record_steps < 1:
-        raise SpectralDiffusionError(f"--record-steps must be >= 1, got {args.record_steps}")
-    prior_prompts = _read_prompts(args.prior_prompts) if args.prior_prompts else []
+    options = dict(density=args.density, ridge=args.ridge, record_steps=args.record_steps,
+                   prior_weight=args.prior_weight,
+                   prior_prompts=read_prompts(args.prior_prompts) if args.prior_prompts else [])
+    weights = check_request(args.concepts, args.method, args.weights, **options)  # before the (slow) base loads
     base = config_from_args(BaseSpec, args).load()
     pipe = base.pipe
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = fuse(args.concepts, pipe, args.method, args.weights, allow_overlap=args.allow_overlap,
-                      seed=args.seed, density=args.density, ridge=args.ridge, record_steps=args.record_steps,
-                      record_size=args.record_size, prior_weight=args.prior_weight, prior_prompts=prior_prompts,
-                      fingerprint=base.fingerprint)
+        report = fuse(args.concepts, pipe, args.method, weights, allow_overlap=args.allow_overlap, seed=args.seed,
+                      record_size=args.record_size, fingerprint=base.fingerprint, **options)
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
     paths = save_fused(pipe, report, out, args.format, lora_format=args.lora_format, overwrite=args.overwrite)

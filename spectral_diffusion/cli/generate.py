@@ -8,8 +8,7 @@ from pathlib import Path
 
 from spectral_diffusion.cli.fuse import parse_weights
 from spectral_diffusion.cli.options import add_config_arguments, config_from_args
-from spectral_diffusion.compose import Composer, check_weight
-from spectral_diffusion.concept_file import read_meta
+from spectral_diffusion.compose import Composer, concept_weights
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.fusion import read_fusion_json
 from spectral_diffusion.generation import (
@@ -17,7 +16,6 @@ from spectral_diffusion.generation import (
     MAX_SEED,
     SCHEDULERS,
     GenerationSettings,
-    check_canvas,
     check_output_dir,
     generate,
     parse_size,
@@ -29,7 +27,7 @@ from spectral_diffusion.loras import parse_lora_arg, set_loras
 from spectral_diffusion.models import BaseSpec
 from spectral_diffusion.pipeline import CONCEPTS_DIR, merge_weights, prompt_tags
 from spectral_diffusion.progress import is_terminal
-from spectral_diffusion.regional import REGION_MODE_CHOICES, parse_region
+from spectral_diffusion.regional import REGION_MODE_CHOICES, parse_regions
 
 EPILOG = """\
 Regions: --region "<dogA> dog, sitting:0,0,0.5,1" gives the part of the image in the relative box x0,y0,x1,y1
@@ -115,33 +113,19 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.weights is not None and len(args.weights) != len(args.concepts):
-        raise SpectralDiffusionError(f"{len(args.weights)} weights given for {len(args.concepts)} concepts")
-    weights = [check_weight(w, c) for c, w in zip(args.concepts, args.weights or [1.0] * len(args.concepts),
-                                                  strict=True)]
-    if args.max_pixels < 1:
-        raise SpectralDiffusionError(f"--max-pixels must be >= 1, got {args.max_pixels}")
-    if args.size is not None:
-        check_canvas(*args.size, args.max_pixels)
-    check_output_dir(args.out)
-    if len(args.region_negative) > len(args.region):
-        raise SpectralDiffusionError(
-            f"{len(args.region_negative)} --region-negative given for {len(args.region)} --region")
-    negatives = args.region_negative + [None] * (len(args.region) - len(args.region_negative))
-    regions = tuple(parse_region(spec, negative=neg or None, feather=args.feather)
-                    for spec, neg in zip(args.region, negatives, strict=True))
+    # every check runs before the (slow) base model loads, and before --out is made
     tags = prompt_tags(args.prompt, lora_dir=args.lora_dir, concepts_dir=args.concepts_dir)
     if args.model and (args.concepts or tags.concepts):
         raise SpectralDiffusionError("concepts (--concepts, <concept:...>) are composed on the base they were trained "
                                      "on: use --base, not --model")
-    loras = merge_weights("LoRA", *(dict([parse_lora_arg(spec)]) for spec in args.lora), tags.loras)
-    for concept in args.concepts:  # a missing or foreign file is said before the (slow) base model loads
-        read_meta(concept)
-    given = {Path(c).expanduser().absolute(): w for c, w in zip(args.concepts, weights, strict=True)}
-    live = merge_weights("concept", given, tags.concepts)
+    live = merge_weights("concept", concept_weights(args.concepts, args.weights), tags.concepts)
+    regions = parse_regions(args.region, negatives=args.region_negative, feather=args.feather)
     settings = GenerationSettings(prompt=tags.prompt, negative=args.negative, steps=args.steps,
                                   guidance=args.guidance, scheduler=args.sampler, seed=resolve_seed(args.seed),
                                   size=args.size, n=args.n, regions=regions, region_mode=args.region_mode)
+    settings.check_size(args.max_pixels)
+    loras = merge_weights("LoRA", *(dict([parse_lora_arg(spec)]) for spec in args.lora), tags.loras)
+    check_output_dir(args.out)
     spec = config_from_args(BaseSpec, args)
     base = replace(spec, spec=args.model).load() if args.model else spec.load()
     pipe = base.pipe

@@ -15,8 +15,11 @@ from spectral_diffusion.fusion.fusing import (
     FusionReport,
     add_tokens,
     check_concepts,
+    check_request,
     fuse,
     load_concepts,
+    read_prompts,
+    weights_for,
 )
 from spectral_diffusion.fusion.methods import (
     LOW_RANK_METHODS,
@@ -58,6 +61,7 @@ __all__ = [
     "add_tokens",
     "check_concepts",
     "check_output",
+    "check_request",
     "concat_factors",
     "concept_prompts",
     "dare_merge",
@@ -66,9 +70,11 @@ __all__ = [
     "merged_delta",
     "ordinary_prompts",
     "read_fusion_json",
+    "read_prompts",
     "record_gradient_stats",
     "record_prompts",
     "record_text_stats",
     "save_fused",
     "ties_merge",
+    "weights_for",
 ]

@@ -22,7 +22,7 @@ from spectral_diffusion.adapters.inject import adapter_layers
 from spectral_diffusion.adapters.layers import Factors, unwrap
 from spectral_diffusion.adapters.targets import adaptable_layers
 from spectral_diffusion.bands import shared_columns, weight_matrix
-from spectral_diffusion.concept_file import Concept, ConceptMeta, load_concept
+from spectral_diffusion.concept_file import Concept, ConceptMeta, load_concept, read_meta
 from spectral_diffusion.errors import SpectralDiffusionError, check_number
 from spectral_diffusion.fingerprint import base_fingerprint
 from spectral_diffusion.fusion.methods import (
@@ -150,18 +150,11 @@ def fuse(concepts: Sequence[Concept | str | Path], pipe: StableDiffusionPipeline
     hashed again; computed when not given. Every check runs before the pipeline is touched.
     """
     start = time.perf_counter()
-    weights = [1.0] * len(concepts) if weights is None else [float(w) for w in weights]
-    _check_request(method, len(concepts), weights, density, ridge, prior_weight)
-    if prior_prompts and method != "closed-form":
-        raise SpectralDiffusionError(f"prior prompts are for closed-form fusion; {method} does not use them")
+    weights = check_request(concepts, method, weights, density=density, ridge=ridge, record_steps=record_steps,
+                            prior_weight=prior_weight, prior_prompts=prior_prompts)
     if adapter_layers(pipe.unet, pipe.text_encoder):
         raise SpectralDiffusionError("the pipeline has live adapters; fuse into a plain base model")
     loaded = load_concepts(concepts)
-    if method == "spectral":
-        other = [f"{_label(p, c.meta)} is {c.meta.variant}" for c, p in loaded if c.meta.variant not in SPECTRAL_VARIANTS]
-        if other:
-            raise SpectralDiffusionError(
-                f"spectral fusion needs additive or rotational concepts ({'; '.join(other)}); use --method sum")
     fingerprint = fingerprint or base_fingerprint(pipe.unet, pipe.text_encoder)
     check_concepts(loaded, fingerprint, pipe.tokenizer, check_bands=method == "spectral", allow_overlap=allow_overlap)
     modules = adaptable_layers(pipe.unet, pipe.text_encoder)
@@ -210,20 +203,51 @@ def fuse(concepts: Sequence[Concept | str | Path], pipe: StableDiffusionPipeline
     return FusionReport(method, fused, fingerprint, len(factors), seconds, options, timings, low_rank)
 
 
-def _check_request(method: str, count: int, weights: Sequence[float], density: float, ridge: float,
-                   prior_weight: float) -> None:
+def check_request(concepts: Sequence[Concept | str | Path], method: str = "spectral",
+                  weights: Sequence[float] | None = None, *, density: float = 0.5, ridge: float = 1e-4,
+                  record_steps: int = 4, prior_weight: float = 1.0, prior_prompts: Sequence[str] = ()) -> list[float]:
+    """What `fuse` refuses before it needs the pipeline, so that a caller can ask before one loads (the CLI does):
+    the method and its options, the weights, and each concept's metadata (a missing or foreign file, a variant the
+    method cannot fuse). Returns the weights as floats, one per concept (1 each when None)."""
     if method not in METHODS:
         raise SpectralDiffusionError(f"unknown fusion method {method!r}; choose one of {', '.join(METHODS)}")
-    if not count:
+    if not concepts:
         raise SpectralDiffusionError("nothing to fuse: give at least one concept file")
-    if len(weights) != count:
-        raise SpectralDiffusionError(f"{len(weights)} weights given for {count} concepts")
+    weights = weights_for(len(concepts), weights)
     for i, weight in enumerate(weights):
         check_number(weight, f"the weight of concept {i + 1}")
     if method in ("ties", "dare") and not 0 < density <= 1:
         raise SpectralDiffusionError(f"density must be in (0, 1], got {density:g}")
     check_number(ridge, "ridge", low=0)
     check_number(prior_weight, "prior weight", low=0)
+    if record_steps < 1:
+        raise SpectralDiffusionError(f"--record-steps must be >= 1, got {record_steps}")
+    if prior_prompts and method != "closed-form":
+        raise SpectralDiffusionError(f"prior prompts are for closed-form fusion; {method} does not use them")
+    metas = [(c.meta, None) if isinstance(c, Concept) else (read_meta(c), str(c)) for c in concepts]
+    other = [f"{_label(path, meta)} is {meta.variant}" for meta, path in metas if meta.variant not in SPECTRAL_VARIANTS]
+    if method == "spectral" and other:
+        raise SpectralDiffusionError(
+            f"spectral fusion needs additive or rotational concepts ({'; '.join(other)}); use --method sum")
+    return weights
+
+
+def weights_for(count: int, weights: Sequence[float] | None) -> list[float]:
+    """One weight per concept, as floats (1 each when None); another number of weights is refused."""
+    if weights is None:
+        return [1.0] * count
+    if len(weights) != count:
+        raise SpectralDiffusionError(f"{len(weights)} weights given for {count} concepts")
+    return [float(w) for w in weights]
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The non-empty lines of a UTF-8 text file, stripped: closed-form fusion's `prior_prompts` from a file."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpectralDiffusionError(f"--prior-prompts {path}: cannot read it as UTF-8 text ({exc})") from None
+    return [line.strip() for line in lines if line.strip()]
 
 
 def _weighted_factors(concepts: Sequence[tuple[Concept, str | None]], weights: Sequence[float], scale: float,
