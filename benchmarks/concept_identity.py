@@ -1,12 +1,13 @@
 """Does the toy recipe learn every held-out concept alone? Identity and prompt fidelity of each of the world's
 concepts, trained by the recipe (additive) and applied live on the bundled base.
 
-    .venv/bin/python benchmarks/concept_identity.py [--steps N] [--concepts NAME ...] [--seeds K] [--cache DIR]
-        [--base toy] [--out FILE]
+    .venv/bin/python benchmarks/concept_identity.py [--steps N] [--set FIELD=VALUE ...] [--only NAME ...]
+        [--concepts NAME ...] [--seeds K] [--cache DIR] [--base toy] [--out FILE]
 
 The fusion benchmark's eight concepts are trained exactly as there (concept i in band i, seed i; the same cache, so
 neither script trains them twice); the other concepts form a second group numbered from 0. `--concepts` trains and
-scores the named concepts as one group instead (a sweep row, e.g. with `--steps`). Scores as in the fusion
+scores the named concepts as one group instead; `--only` keeps just the named concepts, each with its band and seed
+from the default groups. `--set` changes a field of the recipe's TrainConfig (a sweep row, e.g. `--set rank=8`). Scores as in the fusion
 benchmark (`toyworld/scoring.py`): identity = the judge's probability of the concept on its own prompt; fidelity =
 the probability of a background no photo had, when asked for. Writes docs/results/concept_identity.md unless
 --no-write.
@@ -15,9 +16,12 @@ the probability of a background no photo had, when asked for. Writes docs/result
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import shlex
 import sys
+from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -40,9 +44,21 @@ from spectral_diffusion.toyworld import concepts
 from spectral_diffusion.toyworld.judge import JUDGE_PATH, Judge
 from spectral_diffusion.toyworld.recipe import RECIPE
 from spectral_diffusion.toyworld.scoring import Sampling
+from spectral_diffusion.training.config import TrainConfig
+
+FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
 
 DOC = ROOT / "docs" / "results" / "concept_identity.md"
 GOAL = 0.9
+
+
+def recipe_change(text: str) -> tuple[str, object]:
+    """`FIELD=VALUE` for a TrainConfig field, VALUE parsed as the field's type (int, float or str)."""
+    key, sep, value = text.partition("=")
+    if not sep or key not in FIELD_TYPES:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE with a TrainConfig field, got {text!r}")
+    kind = FIELD_TYPES[key]
+    return key, int(value) if kind == "int" else float(value) if kind == "float" else value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,6 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=FULL.steps, help="training steps (default: the recipe's, %(default)s)")
     parser.add_argument("--concepts", nargs="+", choices=list(concepts.CONCEPTS), default=None, metavar="NAME",
                         help="score these concepts as one group (default: every concept, in two groups)")
+    parser.add_argument("--only", nargs="+", choices=list(concepts.CONCEPTS), default=None, metavar="NAME",
+                        help="train and score only these concepts, each with its band and seed in the default groups")
+    parser.add_argument("--set", type=recipe_change, action="append", default=[], metavar="FIELD=VALUE",
+                        help="change a field of the recipe's TrainConfig (repeatable)")
     parser.add_argument("--seeds", type=int, default=FULL.seeds, help="seeds per prompt (default: %(default)s)")
     parser.add_argument("--base", default="toy", help="toy-world base model (default: toy)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -68,14 +88,19 @@ def main(argv: list[str] | None = None) -> None:
     fingerprint = base_fingerprint(base.unet, base.text_encoder)
     sampling = Sampling(steps=FULL.sample_steps, n=args.seeds)
     plan = Plan(steps=args.steps)
-    results = args.cache / "results" / f"{fingerprint}-{plan.key()}-{judge_key(args.judge)}"
+    changes = dict(args.set)
+    row = "-" + hashlib.sha256(json.dumps(changes, sort_keys=True).encode()).hexdigest()[:8] if changes else ""
+    results = args.cache / "results" / f"{fingerprint}-{plan.key()}{row}-{judge_key(args.judge)}"
     groups = ((tuple(args.concepts),) if args.concepts else
               (CONCEPTS, tuple(name for name in concepts.CONCEPTS if name not in CONCEPTS)))
     scores = {}
     for names in groups:
-        paths = train_concepts(args.cache, names, "additive", RECIPE.rank, plan, args.base, fingerprint, args.device)
-        scores.update(cached(results / f"alone-{'-'.join(names)}-s{args.seeds}.json", evaluate_single, base, judge,
-                             names, paths, sampling)["concepts"])
+        paths = train_concepts(args.cache, names, "additive", RECIPE.rank, plan, args.base, fingerprint, args.device,
+                               changes, args.only)
+        names = [name for name in names if args.only is None or name in args.only]
+        if names:
+            scores.update(cached(results / f"alone-{'-'.join(names)}-s{args.seeds}.json", evaluate_single, base,
+                                 judge, names, paths, sampling)["concepts"])
     lines = ["| concept | class word | identity alone | fidelity alone |", "| --- | --- | --- | --- |"]
     for name, score in scores.items():
         lines.append(f"| `{name}` | {concepts.CONCEPTS[name].class_word} | {score['identity']:.2f} | "
@@ -92,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
             f"# Every toy concept, learned alone\n\nMade by `.venv/bin/python {command.strip()}` on "
             f"{datetime.now(timezone.utc):%Y-%m-%d} ({machine()}). Base `{args.base}` (fingerprint {fingerprint}); "
             f"each concept trained by the toy recipe (`toyworld/recipe.py`: additive, {RECIPE.targets}, rank "
-            f"{RECIPE.rank}, {args.steps} steps, locality weight {RECIPE.locality_weight:g}) and applied live; "
+            f"{RECIPE.rank}, {args.steps} steps, locality weight {RECIPE.locality_weight:g}"
+            f"{''.join(f', {k} {v}' for k, v in changes.items())}) and applied live; "
             f"{args.seeds} seeds per prompt, {sampling.steps} DPM++ steps, CFG {sampling.guidance:g}. Fidelity: the "
             f"probability of the dotted background when asked for it.\n\n{table}\n")
         print(f"wrote {args.out}")

@@ -5,7 +5,7 @@
 For N = 1, 2, 4, 8 concepts and four adapter kinds at a matched trainable-parameter budget (spectral additive,
 spectral rotational, LoRA, orthogonal adaptation), each concept is trained alone (concept i in SVD band i for the
 spectral kinds), then the first N are fused with every method that accepts the kind (spectral for spectral kinds;
-closed-form, mean, sum, ties, dare, gradient for all), and a control: each concept fused with the other N - 1 reduced
+closed-form with and without the recipe's prior captions, mean, sum, ties, dare, gradient for all), and a control: each concept fused with the other N - 1 reduced
 to their token rows (zero weight changes), which must score as alone. The bundled judge reads the generated images:
 
 - single identity: each concept with its own model (live composition), prompt on a training background;
@@ -34,7 +34,7 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -72,6 +72,9 @@ BASELINES = ("mean", "sum", "ties", "dare", "gradient")
 # exactly as alone, or the pipeline (tokens, fusion, scoring) is at fault rather than interference.
 CONTROL = "control"
 HALF = "spectral@0.5"  # the exact sum with every concept at weight 0.5: smaller weights against interference
+# closed-form with only what the concept files carry (class-word templates, captions without the token): what
+# `spectral-diffusion fuse --method closed-form` does without --prior-prompts
+NO_PRIOR = "closed-form (no prior)"
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ QUICK = Plan(counts=(1, 2), steps=20, seeds=2, sample_steps=8)
 
 
 def methods_for(kind: str) -> tuple[str, ...]:
-    return (("spectral", HALF) if kind in SPECTRAL_VARIANTS else ()) + ("closed-form",) + BASELINES + (CONTROL,)
+    return (("spectral", HALF) if kind in SPECTRAL_VARIANTS else ()) + ("closed-form", NO_PRIOR) + BASELINES + (CONTROL,)
 
 
 # ---- matched trainable-parameter budget -----------------------------------------------------------------------
@@ -145,24 +148,35 @@ def matched_ranks(count: Callable[[str, int], int], kinds: Sequence[str], refere
 def _recipe_digest(config: TrainConfig) -> str:
     """Digest of every training setting except where files go: a changed default retrains."""
     settings = {k: v for k, v in asdict(config).items() if k not in ("photo_dir", "out", "resume", "overwrite")}
+    # the base spec's fields under the names they had as TrainConfig fields, so concepts cached before keep their key
+    base = settings.pop("base")
+    settings.update(base=base["spec"], base_config=base["config"], allow_pickle=base["allow_pickle"],
+                    device=base["device"], dtype=base["dtype"])
     settings["learning_rates"] = config.learning_rates()
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def train_concepts(cache: Path, names: Sequence[str], kind: str, rank: int, plan: Plan, base: str,
-                   fingerprint: str, device: str | None) -> list[Path]:
+                   fingerprint: str, device: str | None, changes: Mapping[str, object] | None = None,
+                   only: Collection[str] | None = None) -> list[Path]:
     """Each concept of `names` (index i: band i for spectral kinds, seed i), trained unless cached under
-    `<cache>/concepts/<base fingerprint>/<concept>-<kind>-r<rank>-<band>-s<steps>-seed<i>-<recipe digest>`."""
+    `<cache>/concepts/<base fingerprint>/<concept>-<kind>-r<rank>-<band>-s<steps>-seed<i>-<recipe digest>`.
+    `changes` override the recipe's TrainConfig fields (a sweep row); `only` keeps just those names, each with the
+    band and seed of its place in `names`."""
     photos = write_photos(names, cache / "photos")
+    settings = {"rank": rank, "steps": plan.steps, "batch_size": plan.batch_size, **(changes or {})}
     paths = []
     for i, name in enumerate(names):
+        if only is not None and name not in only:
+            continue
         band = i if kind in SPECTRAL_VARIANTS else "auto"
 
         def config(out: Path, name: str = name, band: int | str = band, i: int = i) -> TrainConfig:
             return RECIPE.train_config(name, photos[name], out, band=band, variant=kind, base=base, device=device,
-                                       seed=i, rank=rank, steps=plan.steps, batch_size=plan.batch_size)
+                                       seed=i, **settings)
 
-        stem = f"{name}-{kind}-r{rank}-b{band}-s{plan.steps}-seed{i}-{_recipe_digest(config(Path('c.safetensors')))}"
+        stem = (f"{name}-{kind}-r{settings['rank']}-b{band}-s{settings['steps']}-seed{i}-"
+                f"{_recipe_digest(config(Path('c.safetensors')))}")
         path = cache / "concepts" / fingerprint / f"{stem}.safetensors"
         if not path.is_file():
             start = time.perf_counter()
@@ -222,6 +236,8 @@ def evaluate_fused(base: StableDiffusionPipeline, judge: Judge, names: Sequence[
     pipe = copy.deepcopy(base)
     if method == HALF:
         report = fuse(list(paths), pipe, method="spectral", weights=[0.5] * len(paths))
+    elif method == NO_PRIOR:
+        report = fuse(list(paths), pipe, method="closed-form")
     else:
         report = fuse(list(paths), pipe, **RECIPE.fuse_options(method))
     scores = {name: score_concept(pipe, judge, name, sampling).to_dict() for name in names}
