@@ -161,8 +161,8 @@ def train_concepts(cache: Path, names: Sequence[str], kind: str, rank: int, plan
                    only: Collection[str] | None = None) -> list[Path]:
     """Each concept of `names` (index i: band i for spectral kinds, seed i), trained unless cached under
     `<cache>/concepts/<base fingerprint>/<concept>-<kind>-r<rank>-<band>-s<steps>-seed<i>-<recipe digest>`.
-    `changes` override the recipe's TrainConfig fields (a sweep row); `only` keeps just those names, each with the
-    band and seed of its place in `names`."""
+    `changes` override the recipe's TrainConfig fields, the seed too (a sweep row); `only` keeps just those names,
+    each with the band and seed of its place in `names`."""
     photos = write_photos(names, cache / "photos")
     settings = {"rank": rank, "steps": plan.steps, "batch_size": plan.batch_size, **(changes or {})}
     paths = []
@@ -172,11 +172,11 @@ def train_concepts(cache: Path, names: Sequence[str], kind: str, rank: int, plan
         band = i if kind in SPECTRAL_VARIANTS else "auto"
 
         def config(out: Path, name: str = name, band: int | str = band, i: int = i) -> TrainConfig:
-            return RECIPE.train_config(name, photos[name], out, band=band, variant=kind, base=base, device=device,
-                                       seed=i, **settings)
+            return RECIPE.train_config(name, photos[name], out, **{
+                "band": band, "variant": kind, "base": base, "device": device, "seed": i, **settings})
 
-        stem = (f"{name}-{kind}-r{settings['rank']}-b{band}-s{settings['steps']}-seed{i}-"
-                f"{_recipe_digest(config(Path('c.safetensors')))}")
+        probe = config(Path("c.safetensors"))
+        stem = f"{name}-{kind}-r{probe.rank}-b{band}-s{probe.steps}-seed{probe.seed}-{_recipe_digest(probe)}"
         path = cache / "concepts" / fingerprint / f"{stem}.safetensors"
         if not path.is_file():
             start = time.perf_counter()
