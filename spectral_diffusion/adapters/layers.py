@@ -378,8 +378,7 @@ class AdapterLayer(nn.Module):
         if name in self.merged:
             raise SpectralDiffusionError(f"adapter {name!r} is already merged")
         scale = self.scales[name] if scale is None else float(scale)
-        weight = weight_matrix(self.base)
-        weight += (scale * self.delta_weight(name)).to(weight.dtype)
+        merge_delta(self.base, scale * self.delta_weight(name))
         self.merged[name] = scale
         self._changes += 1
 
@@ -388,8 +387,7 @@ class AdapterLayer(nn.Module):
         """Subtract the merged ``scale * dW`` back out of the base weight."""
         if name not in self.merged:
             raise SpectralDiffusionError(f"adapter {name!r} is not merged")
-        weight = weight_matrix(self.base)
-        weight -= (self.merged.pop(name) * self.delta_weight(name)).to(weight.dtype)
+        merge_delta(self.base, -(self.merged.pop(name) * self.delta_weight(name)))
         self._changes += 1
 
     def remove_adapter(self, name: str) -> None:
@@ -452,6 +450,15 @@ class LinearAdapterLayer(AdapterLayer, nn.Linear):
 
 class Conv2dAdapterLayer(AdapterLayer, nn.Conv2d):
     """An `AdapterLayer` around an `nn.Conv2d`."""
+
+
+@torch.no_grad()
+def merge_delta(module: nn.Module, delta: torch.Tensor) -> None:
+    """Add a dense ``dW [out, in]`` into the weight of `module` (or of the layer a wrapper holds) in place, cast to
+    the weight's dtype: the one way a weight change is written into a base weight, by `fusion.fuse` (its merged
+    delta) and `AdapterLayer.merge` / `unmerge` (``-dW``; ``a + (-b)`` is ``a - b`` exactly in floating point)."""
+    weight = weight_matrix(unwrap(module))
+    weight += delta.to(weight.dtype)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

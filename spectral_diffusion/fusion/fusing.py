@@ -19,7 +19,7 @@ from torch import nn
 
 from spectral_diffusion.adapters.config import SPECTRAL_VARIANTS
 from spectral_diffusion.adapters.inject import adapter_layers
-from spectral_diffusion.adapters.layers import Factors, unwrap
+from spectral_diffusion.adapters.layers import Factors, merge_delta, unwrap
 from spectral_diffusion.adapters.targets import adaptable_layers
 from spectral_diffusion.bands import shared_columns, weight_matrix
 from spectral_diffusion.concept_file import Concept, ConceptMeta, load_concept, read_meta
@@ -185,13 +185,12 @@ def fuse(concepts: Sequence[Concept | str | Path], pipe: StableDiffusionPipeline
     merging = time.perf_counter()
     with torch.no_grad():
         for name, per in factors.items():
-            weight = weight_matrix(unwrap(modules[name]))
             if name in stats:
                 delta = stats[name].solve(ridge)
             else:  # closed-form fusion sums the layers that do not read the text alone
                 delta = merged_delta("sum" if method == "closed-form" else method, name, per, density=density,
                                      seed=seed)
-            weight += delta.to(weight.dtype)
+            merge_delta(modules[name], delta)
     timings["solve" if stats else "merge"] = time.perf_counter() - merging
     low_rank = None
     if method in LOW_RANK_METHODS:
