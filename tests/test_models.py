@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -116,6 +117,7 @@ def test_dtype_option_and_cli_arguments(tiny_model_dir, tiny_single_file):
 def test_one_base_spec_for_training_too(tmp_path):
     config = TrainConfig(tmp_path, "<x>", tmp_path / "x.safetensors", base="./sd15", device="cpu")
     assert config.base == BaseSpec("./sd15", device="cpu")  # a spec string, and the device shorthand
+    assert config.device == "cpu" and replace(config, steps=3).base == config.base
     with pytest.raises(SpectralDiffusionError) as info:
         BaseSpec(dtype="fp8").load()
     assert str(info.value) == "--dtype must be one of fp32, fp16, bf16, got 'fp8'"

@@ -209,3 +209,8 @@ class TrainConfig:
         unet, text = DEFAULT_LRS[self.variant]
         return (unet if self.lr_unet is None else self.lr_unet,
                 text if self.lr_text is None else self.lr_text, self.lr_emb)
+
+
+# `device` is given to __init__ only (an InitVar, folded into `base`); read back, it is the base's device, not the
+# InitVar's class-level default None.
+TrainConfig.device = property(lambda self: self.base.device)  # type: ignore[assignment]
