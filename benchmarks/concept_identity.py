@@ -53,12 +53,17 @@ GOAL = 0.9
 
 
 def recipe_change(text: str) -> tuple[str, object]:
-    """`FIELD=VALUE` for a TrainConfig field, VALUE parsed as the field's type (int, float or str)."""
+    """`FIELD=VALUE` for a TrainConfig field, VALUE parsed as the field's type (a number where it takes one)."""
     key, sep, value = text.partition("=")
     if not sep or key not in FIELD_TYPES:
         raise argparse.ArgumentTypeError(f"expected FIELD=VALUE with a TrainConfig field, got {text!r}")
-    kind = FIELD_TYPES[key]
-    return key, int(value) if kind == "int" else float(value) if kind == "float" else value
+    for kind, parse in (("int", int), ("float", float)):
+        if kind in FIELD_TYPES[key].split(" | "):
+            try:
+                return key, parse(value)
+            except ValueError:
+                pass
+    return key, value
 
 
 def main(argv: list[str] | None = None) -> None:

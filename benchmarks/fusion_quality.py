@@ -176,7 +176,7 @@ def train_concepts(cache: Path, names: Sequence[str], kind: str, rank: int, plan
                 "band": band, "variant": kind, "base": base, "device": device, "seed": i, **settings})
 
         probe = config(Path("c.safetensors"))
-        stem = f"{name}-{kind}-r{probe.rank}-b{band}-s{probe.steps}-seed{probe.seed}-{_recipe_digest(probe)}"
+        stem = f"{name}-{kind}-r{probe.rank}-b{probe.band}-s{probe.steps}-seed{probe.seed}-{_recipe_digest(probe)}"
         path = cache / "concepts" / fingerprint / f"{stem}.safetensors"
         if not path.is_file():
             start = time.perf_counter()
