@@ -418,7 +418,7 @@ def test_single_file_output_loads(tmp_path, tiny_model_dir, tiny_pipe, concepts)
 def test_cli_fuse(tmp_path, tiny_model_dir, tiny_pipe, concepts, capsys) -> None:
     paths = [str(save_concept(tmp_path / f"c{i}.safetensors", c)) for i, c in enumerate(concepts)]
     out = tmp_path / "fused"
-    base = ["--base", str(tiny_model_dir), "--device", "cpu"]
+    base = ["--base", str(tiny_model_dir), "--device", "cpu", "--method", "spectral"]
     assert main(["fuse", *paths, "--out", str(out), "--weights", "1,0.25", *base]) == 0
     assert "fused 2 concepts (<doga> x1, <catb> x0.25) with spectral" in capsys.readouterr().out
     assert json.loads((out / "fusion.json").read_text())["weights"] == [1.0, 0.25]
@@ -432,6 +432,20 @@ def test_cli_fuse(tmp_path, tiny_model_dir, tiny_pipe, concepts, capsys) -> None
         warnings.simplefilter("error")
         assert main(["fuse", *paths, "--out", str(tmp_path / "x"), "--allow-overlap", *base]) == 0
     assert "warning: concepts" in capsys.readouterr().err
+
+
+def test_cli_fuse_defaults_to_closed_form_and_refuses_its_lora_before_loading(tmp_path, tiny_model_dir, tiny_pipe,
+                                                                            concepts, capsys) -> None:
+    paths = [str(save_concept(tmp_path / f"c{i}.safetensors", c)) for i, c in enumerate(concepts)]
+    base = ["--base", str(tiny_model_dir), "--device", "cpu"]
+    assert main(["fuse", *paths, "--out", str(tmp_path / "fused"), *base]) == 0
+    assert "with closed-form" in capsys.readouterr().out
+    assert json.loads((tmp_path / "fused" / "fusion.json").read_text())["method"] == "closed-form"
+    assert main(["fuse", *paths, "--out", str(tmp_path / "lora"), "--format", "lora", "--base", "no-such-base"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --format lora needs a method whose result is an exact sum of factors (spectral, sum, mean); "
+        "closed-form gives dense weight changes: write diffusers or single-file, or pass --method spectral")
+    assert not (tmp_path / "lora").exists()
 
 
 def test_cli_fuse_refuses_an_unwritable_place_first_and_a_full_disk_in_one_line(

@@ -121,7 +121,7 @@ def test_cli_generate_fused_and_live_give_the_same_image(tmp_path, tiny_model_di
               "--region", "<dogA>:0,0,0.5,1", "--region", "<catB> in the snow:0.5,0,1,1", "--feather", "0.1",
               "--region-mode", "attention"]
     assert main(["fuse", *paths, "--weights", "1,0.5", "--base", str(tiny_model_dir), "--device", "cpu",
-                 "--out", str(tmp_path / "fused")]) == 0
+                 "--method", "spectral", "--out", str(tmp_path / "fused")]) == 0
     assert main(["generate", *common, "--model", str(tmp_path / "fused"), "--out", str(tmp_path / "a")]) == 0
     assert main(["generate", *common, "--base", str(tiny_model_dir), "--concepts", *paths, "--weights", "1,0.5",
                  "--out", str(tmp_path / "b")]) == 0

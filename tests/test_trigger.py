@@ -92,7 +92,31 @@ def test_old_mixed_case_concept_files_load_under_the_lower_case_trigger(tiny_pip
 def test_fused_lora_embeddings_are_named_after_the_trigger(tiny_pipe, tiny_model_dir: Path, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     concept = save_concept(tmp_path / "dogA.safetensors", random_concept(tiny_pipe, token="<dogA>", band=0))
-    assert main(["fuse", str(concept), "--base", str(tiny_model_dir), "--format", "lora",
+    assert main(["fuse", str(concept), "--base", str(tiny_model_dir), "--format", "lora", "--method", "spectral",
                  "--out", str(tmp_path / "fused")]) == 0
     assert "trigger words: <doga>" in capsys.readouterr().out
     assert list(load_file(tmp_path / "fused" / "embeddings" / "<doga>.safetensors")) == ["<doga>"]
+
+
+def test_cli_train_takes_the_bases_training_defaults_and_flags_override_them(
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Settings left off the command line come from the base folder's `training_defaults.json` (the recipe it was
+    tuned with), not from TrainConfig's SD 1.5 defaults; a flag given wins, whatever its value."""
+    monkeypatch.setenv("SPECTRAL_DIFFUSION_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "training_defaults.json").write_text(json.dumps(
+        {"rank": 2, "targets": "kv", "steps": 2, "batch_size": 1, "locality_weight": 1.0, "flip": False}))
+    photos = tmp_path / "photos"
+    shutil.copytree(PHOTOS, photos, ignore=shutil.ignore_patterns("*.md"))
+    common = ["train", str(photos), "--base", str(base), "--preview-images", "0"]
+    assert main([*common, "--token", "<a>", "--out", str(tmp_path / "a.safetensors")]) == 0
+    assert ("the base model's training defaults: rank 2, targets kv, steps 2, batch_size 1, locality_weight 1.0, "
+            "flip False") in capsys.readouterr().out
+    settings = load_concept(tmp_path / "a.safetensors").meta.training
+    assert (settings["rank"], settings["targets"], settings["steps"], settings["locality_weight"]) == (2, "kv", 2, 1.0)
+    assert main([*common, "--token", "<b>", "--rank", "8", "--steps", "1", "--targets", "attn",
+                 "--out", str(tmp_path / "b.safetensors")]) == 0
+    assert "training defaults: batch_size 1, locality_weight 1.0, flip False\n" in capsys.readouterr().out
+    settings = load_concept(tmp_path / "b.safetensors").meta.training
+    assert (settings["rank"], settings["targets"], settings["steps"], settings["locality_weight"]) == (8, "attn", 1, 1.0)

@@ -12,6 +12,8 @@ from spectral_diffusion.export import FORMATS as LORA_FORMATS
 from spectral_diffusion.fusion import (
     METHODS,
     OUTPUT_FORMATS,
+    RECOMMENDED_METHOD,
+    check_format,
     check_output,
     check_request,
     fuse,
@@ -21,10 +23,14 @@ from spectral_diffusion.fusion import (
 from spectral_diffusion.models import BaseSpec
 
 EPILOG = """\
-methods: spectral (default) adds every concept's exact weight change, w_i * dW_i; concepts must be additive or
-rotational, in disjoint bands, trained on this base model. sum (task arithmetic), mean (each delta / N), ties,
-dare and gradient (Mix-of-Show's gradient fusion, solved in closed form) are baselines for comparison and accept
-lora/ortho concepts too.
+methods: closed-form (default) solves, per text-fed layer (cross-attention keys / values, text encoder), the weight
+that maps each concept's own prompts as its own model did and ordinary prompts (the empty prompt, the class words,
+the concepts' captions without their tokens, and --prior-prompts) as the base did; other layers get the exact sum.
+It kept identity best at every N in docs/results/fusion_quality.md. spectral adds every concept's exact weight
+change, w_i * dW_i (concepts additive or rotational, in disjoint bands; the only choice for --format lora with
+sum and mean). sum (task arithmetic), mean (each delta / N), ties, dare and gradient (Mix-of-Show's gradient
+fusion, solved in closed form) are baselines for comparison and accept lora/ortho concepts too. Every method
+refuses concepts of another base model and duplicate tokens.
 
 OUT is a folder: a diffusers pipeline (--format diffusers, loads with StableDiffusionPipeline.from_pretrained,
 tokens included), or OUT/OUT.safetensors as an SD 1.x checkpoint (single-file) or one merged LoRA (lora: spectral,
@@ -51,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-format", choices=LORA_FORMATS, default="peft",
                    help="key layout of --format lora: peft (diffusers) or kohya (A1111, ComfyUI) (default: peft)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    p.add_argument("--method", choices=METHODS, default="spectral", help="fusion method (default: spectral)")
+    p.add_argument("--method", choices=METHODS, default=RECOMMENDED_METHOD,
+                   help="fusion method (default: %(default)s)")
     p.add_argument("--weights", type=parse_weights, default=None, metavar="W1,W2,...",
                    help="comma-separated weight per concept, in order (default: 1 each)")
     p.add_argument("--allow-overlap", action="store_true",
@@ -80,6 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_output(out, args.overwrite)
+    check_format(args.format, args.method)
     options = dict(density=args.density, ridge=args.ridge, record_steps=args.record_steps,
                    prior_weight=args.prior_weight,
                    prior_prompts=read_prompts(args.prior_prompts) if args.prior_prompts else [])

@@ -34,8 +34,10 @@ T = TypeVar("T")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config: type, table: Mapping[str, Spec] | None = None,
-                         ) -> None:
-    """Add a flag for every field of the dataclass `config` that has help (from `table` where given)."""
+                         *, given_only: bool = False) -> None:
+    """Add a flag for every field of the dataclass `config` that has help (from `table` where given). With
+    `given_only`, a flag left out leaves no attribute, so `config_from_args` can tell it from one given (the help
+    still shows the field's default)."""
     hints = typing.get_type_hints(config)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for field, spec in _flag_fields(config, table):
@@ -46,26 +48,32 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type, table: M
         parse = _parser_of(hints[field.name])
         helped = _help(spec, field.default, parse)
         name = spec.get("flag", f"--{field.name.replace('_', '-')}")
+        unset = {"default": argparse.SUPPRESS} if given_only else {}
         if spec.get("positional"):
             target.add_argument(field.name, type=parse, metavar=spec.get("metavar"), help=helped)
         elif parse is bool:
             off = field.default is True
             name = spec.get("flag", f"--no-{field.name.replace('_', '-')}" if off else name)
-            target.add_argument(name, dest=field.name, action="store_false" if off else "store_true", help=helped)
+            target.add_argument(name, dest=field.name, action="store_false" if off else "store_true", help=helped,
+                                **unset)
         elif parse is list:
-            target.add_argument(name, dest=field.name, action="append", default=[], metavar=spec.get("metavar"),
-                                help=helped)
+            target.add_argument(name, dest=field.name, action="append", metavar=spec.get("metavar"), help=helped,
+                                **(unset or {"default": []}))
         else:
             required = field.default is dataclasses.MISSING
-            target.add_argument(name, dest=field.name, type=parse, required=required,
-                                default=None if required else field.default, metavar=spec.get("metavar"),
-                                choices=spec.get("choices"), help=helped)
+            target.add_argument(name, dest=field.name, type=parse, required=required, metavar=spec.get("metavar"),
+                                choices=spec.get("choices"), help=helped,
+                                **(unset or {"default": None if required else field.default}))
 
 
-def config_from_args(config: type[T], args: argparse.Namespace, table: Mapping[str, Spec] | None = None,
-                     **given: Any) -> T:
-    """The dataclass from the flags `add_config_arguments` added, plus `given` fields (flags added elsewhere)."""
-    return config(**{field.name: getattr(args, field.name) for field, _ in _flag_fields(config, table)}, **given)
+def config_from_args(config: type[T], args: argparse.Namespace, table: Mapping[str, Spec] | None = None, *,
+                     defaults: Mapping[str, Any] | None = None, **given: Any) -> T:
+    """The dataclass from the flags `add_config_arguments` added, plus `given` fields (flags added elsewhere). A
+    flag left out (`given_only`) takes its value from `defaults`, else the field's own default."""
+    values = {**(defaults or {})}
+    values.update({field.name: getattr(args, field.name) for field, _ in _flag_fields(config, table)
+                   if hasattr(args, field.name)})
+    return config(**values, **given)
 
 
 def _flag_fields(config: type, table: Mapping[str, Spec] | None) -> Iterator[tuple[dataclasses.Field, Spec]]:

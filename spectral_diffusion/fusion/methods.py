@@ -41,6 +41,10 @@ from spectral_diffusion.bands import weight_matrix
 from spectral_diffusion.concept_file import Concept, ConceptMeta
 
 METHODS = ("spectral", "closed-form", "mean", "sum", "ties", "dare", "gradient")
+# What the CLI and the app fuse with unless told: the method that kept identity best at every N in the fusion
+# benchmark (docs/results/fusion_quality.md), with or without a prior of captions. `fuse()` itself defaults to the
+# exact sum, as diffusers' fuse_lora does.
+RECOMMENDED_METHOD = "closed-form"
 LOW_RANK_METHODS = ("spectral", "sum", "mean")  # exact sums of factors: also writable as one LoRA
 RECORD_TEMPLATES = ("a photo of {}", "{}", "a close-up photo of {}", "{} in the city")
 ORDINARY_TEMPLATES = ("", "a photo of a {}", "a {}", "{}")  # closed-form fusion's prompts that keep the base mapping

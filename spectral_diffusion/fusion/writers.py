@@ -23,6 +23,17 @@ OUTPUT_FORMATS = ("diffusers", "single-file", "lora")
 FUSION_JSON = "fusion.json"
 
 
+def check_format(fmt: str, method: str, exact_factors: bool | None = None) -> None:
+    """Refuse an unknown output format, or a LoRA of a fusion whose result is not an exact sum of factors (by
+    default: judged from the method, so the CLI can ask before fusing)."""
+    if fmt not in OUTPUT_FORMATS:
+        raise SpectralDiffusionError(f"unknown output format {fmt!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
+    if fmt == "lora" and not (method in LOW_RANK_METHODS if exact_factors is None else exact_factors):
+        raise SpectralDiffusionError(
+            f"--format lora needs a method whose result is an exact sum of factors ({', '.join(LOW_RANK_METHODS)}); "
+            f"{method} gives dense weight changes: write diffusers or single-file, or pass --method spectral")
+
+
 def save_fused(pipe: StableDiffusionPipeline, report: FusionReport, out: str | Path, fmt: str = "diffusers", *,
                lora_format: str = "peft", overwrite: bool = False) -> list[Path]:
     """Write the fused model into the folder `out` (atomically: a temp folder renamed into place); return the
@@ -36,13 +47,8 @@ def save_fused(pipe: StableDiffusionPipeline, report: FusionReport, out: str | P
     Every format also writes `fusion.json` (concepts, tokens, bands, fingerprints, weights, method).
     """
     out = Path(out)
-    if fmt not in OUTPUT_FORMATS:
-        raise SpectralDiffusionError(f"unknown output format {fmt!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
+    check_format(fmt, report.method, report.low_rank is not None)
     check_output(out, overwrite)
-    if fmt == "lora" and report.low_rank is None:
-        raise SpectralDiffusionError(
-            f"--format lora needs a method whose result is an exact sum of factors ({', '.join(LOW_RANK_METHODS)}); "
-            f"{report.method} gives dense weight changes: write diffusers or single-file")
     with atomic_directory(out) as tmp:
         written = _write(pipe, report, tmp, fmt, out.name, lora_format)
         (tmp / FUSION_JSON).write_text(json.dumps({**report.to_dict(), "output_format": fmt}, indent=2) + "\n")

@@ -27,6 +27,7 @@ from spectral_diffusion.errors import SpectralDiffusionError, check_number
 from spectral_diffusion.export import FORMATS as LORA_FORMATS
 from spectral_diffusion.fusion import METHODS as FUSION_METHODS
 from spectral_diffusion.fusion import OUTPUT_FORMATS as FUSION_FORMATS
+from spectral_diffusion.fusion import RECOMMENDED_METHOD
 from spectral_diffusion.generation import (
     MAX_PIXELS,
     SCHEDULERS,
@@ -481,13 +482,14 @@ class _AppBuilder:
     def fuse_tab(self) -> None:
         backend = self.backend
         gr.Markdown("### Fuse concepts into a model\nWrites a new model with the chosen concepts merged into the "
-                    "base weights (the base model itself is not changed). `spectral` is exact for concepts in "
-                    "disjoint bands; the others are the usual baselines.")
+                    "base weights (the base model itself is not changed). `closed-form` keeps each concept's own "
+                    "token mapped as its own model did and ordinary prompts as the base did (the best measured); "
+                    "`spectral` is the exact sum for concepts in disjoint bands; the others are the usual baselines.")
         with gr.Row():
             with gr.Column():
                 pick, weights = self.concept_weights("Concepts to fuse")
             with gr.Column():
-                method = gr.Dropdown(list(FUSION_METHODS), value="spectral", label="Method")
+                method = gr.Dropdown(list(FUSION_METHODS), value=RECOMMENDED_METHOD, label="Method")
                 fmt = gr.Radio(list(FUSION_FORMATS), value="diffusers", label="Output format",
                                info="diffusers folder, one SD 1.x .safetensors file, or one merged LoRA")
                 density = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Density (ties, dare)")
