@@ -1,8 +1,11 @@
-"""Fusing many concept files into one pipeline's weights: the exact spectral sum, and honest baselines.
+"""Fusing many concept files into one pipeline's weights: the exact spectral sum, the closed-form text-side merge,
+and honest baselines.
 
-`spectral` (default) adds `sum_i w_i dW_i` for Spectral Adapter concepts in disjoint SVD bands; the factors come from
-each concept file (`Concept.delta_factors`), never from a recomputed SVD. Disjoint bands are what keeps one concept
-from overwriting another, so overlapping bands, another base model and duplicate tokens are refused.
+`spectral` (`fuse`'s default, exact like diffusers' `fuse_lora`) adds `sum_i w_i dW_i` for Spectral Adapter concepts
+in disjoint SVD bands; the factors come from each concept file (`Concept.delta_factors`), never from a recomputed
+SVD, and overlapping bands are refused. Disjoint bands keep the weights apart but not the functions, so the CLI and
+the app fuse with `closed-form` (`RECOMMENDED_METHOD`), which kept identity best in the fusion benchmark. Every
+method refuses another base model and duplicate tokens.
 
 Modules: `methods` (the merge math and the statistics gradient / closed-form fusion solve), `fusing` (the
 concept-set checks, `fuse`, `FusionReport`), `writers` (`save_fused`: diffusers, single-file or LoRA output, and

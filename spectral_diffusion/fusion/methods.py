@@ -1,6 +1,6 @@
 """The fusion methods: merge math on plain tensors, and the layer statistics gradient / closed-form fusion solve.
 
-`spectral` (default) adds `sum_i w_i dW_i` for Spectral Adapter concepts in disjoint SVD bands; the factors come from
+`spectral` (`fuse`'s default) adds `sum_i w_i dW_i` for Spectral Adapter concepts in disjoint SVD bands; the factors come from
 each concept file (`Concept.delta_factors`), never from a recomputed SVD.
 
 Baselines, for the quality benchmark (they accept every adapter variant):
