@@ -5,8 +5,8 @@
 For N = 1, 2, 4, 8 concepts and four adapter kinds at a matched trainable-parameter budget (spectral additive,
 spectral rotational, LoRA, orthogonal adaptation), each concept is trained alone (concept i in SVD band i for the
 spectral kinds), then the first N are fused with every method that accepts the kind (spectral for spectral kinds;
-closed-form with and without the recipe's prior captions, mean, sum, ties, dare, gradient for all), and a control: each concept fused with the other N - 1 reduced
-to their token rows (zero weight changes), which must score as alone. The bundled judge reads the generated images:
+closed-form with and without the recipe's prior captions, mean, sum, ties, dare, gradient for all), and a control:
+each concept fused with the other N - 1 reduced to their token rows (zero weight changes), which must score as alone. The bundled judge reads the generated images:
 
 - single identity: each concept with its own model (live composition), prompt on a training background;
 - fused identity and retention (mean fused identity / mean single identity over the N concepts);

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from spectral_diffusion.cli.options import add_config_arguments, config_from_args
-from spectral_diffusion.models import BaseSpec, training_defaults
-from spectral_diffusion.training.config import TrainConfig
+from spectral_diffusion.models import BaseSpec
+from spectral_diffusion.training.config import TrainConfig, recommended_settings
 
 EPILOG = """\
 The folder holds jpg/jpeg/png/webp/bmp photos, optional same-name .txt captions using {token} and {class_word}
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from spectral_diffusion.training.trainer import train
 
     base = config_from_args(BaseSpec, args)
-    recipe = {key: value for key, value in training_defaults(base.spec).items() if not hasattr(args, key)}
+    recipe = {key: value for key, value in recommended_settings(base.spec).items() if not hasattr(args, key)}
     config = config_from_args(TrainConfig, args, defaults=recipe, base=base)
     if recipe:
         print("the base model's training defaults: " + ", ".join(f"{k} {v}" for k, v in recipe.items()), flush=True)

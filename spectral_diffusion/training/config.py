@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import InitVar, dataclass, field, replace
+from dataclasses import InitVar, dataclass, field, fields, replace
 from pathlib import Path
 
 from spectral_diffusion.adapters import AdapterConfig
 from spectral_diffusion.atomic import check_writable
 from spectral_diffusion.concept_file import canonical_token
 from spectral_diffusion.errors import SpectralDiffusionError, check_number
-from spectral_diffusion.models import BaseSpec
+from spectral_diffusion.models import BaseSpec, training_defaults
 from spectral_diffusion.sidecar import sidecar_path
 from spectral_diffusion.training.checkpoint import checkpoint_dir
 
@@ -214,3 +214,18 @@ class TrainConfig:
 # `device` is given to __init__ only (an InitVar, folded into `base`); read back, it is the base's device, not the
 # InitVar's class-level default None.
 TrainConfig.device = property(lambda self: self.base.device)  # type: ignore[assignment]
+
+
+# What names a run (photos, token, output, base): never taken from a base's recommended settings.
+PER_RUN_FIELDS = frozenset({"photo_dir", "token", "out", "class_word", "base", "concepts_dir"})
+
+
+def recommended_settings(spec: str) -> dict[str, object]:
+    """The training settings base `spec`'s folder recommends (`models.training_defaults`), for the CLI and the app to
+    use where the user gave none; refused in one line if they name anything but optimisation and adapter settings."""
+    recommended = training_defaults(spec)
+    unknown = sorted(set(recommended) - ({f.name for f in fields(TrainConfig)} - PER_RUN_FIELDS))
+    if unknown:
+        raise SpectralDiffusionError(f"the training defaults of base {spec!r} name unknown settings: "
+                                     f"{', '.join(unknown)}")
+    return recommended

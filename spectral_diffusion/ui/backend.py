@@ -29,9 +29,9 @@ from spectral_diffusion.export import Exported, export_lora, textual_inversion_p
 from spectral_diffusion.fusion import FusionReport, fuse, save_fused
 from spectral_diffusion.generation import GenerationSettings, generate, save_images, save_png
 from spectral_diffusion.loras import set_loras
-from spectral_diffusion.models import LoadedBase, training_defaults
+from spectral_diffusion.models import LoadedBase
 from spectral_diffusion.pipeline import merge_weights, prompt_tags
-from spectral_diffusion.training.config import preview_path
+from spectral_diffusion.training.config import PER_RUN_FIELDS, preview_path, recommended_settings
 from spectral_diffusion.training.data import CONCEPT_TEMPLATE, fill_caption
 from spectral_diffusion.training.trainer import StepInfo, TrainConfig, train
 from spectral_diffusion.ui.concepts import ConceptInfo, list_concepts, read_concept_info
@@ -284,21 +284,13 @@ class Backend:
         return export_lora(concept.path, out, fmt)
 
 
-_PER_RUN = frozenset({"photo_dir", "token", "out", "class_word", "base", "concepts_dir"})
-
-
 def recipe_for(spec: str) -> dict[str, object]:
     """The training settings the app uses on base `spec`: TrainConfig's defaults, with those the base's folder
-    recommends (`models.training_defaults`) in their place. Only optimisation and adapter settings may come from
-    the file; what names the run (photos, token, output, base) is the app's."""
-    recommended = training_defaults(spec)
-    settings = {f.name: f for f in fields(TrainConfig) if f.name not in _PER_RUN}
-    unknown = sorted(set(recommended) - set(settings))
-    if unknown:
-        raise SpectralDiffusionError(f"the training defaults of base {spec!r} name unknown settings: "
-                                     f"{', '.join(unknown)}")
-    defaults = {name: f.default for name, f in settings.items() if f.default is not MISSING}
-    return {**defaults, **recommended}
+    recommends (`recommended_settings`) in their place; what names the run (photos, token, output, base) is the
+    app's."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)
+                if f.name not in PER_RUN_FIELDS and f.default is not MISSING}
+    return {**defaults, **recommended_settings(spec)}
 
 
 def _unused(path: Path) -> Path:
