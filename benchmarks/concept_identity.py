@@ -8,8 +8,8 @@ The fusion benchmark's eight concepts are trained exactly as there (concept i in
 neither script trains them twice); the other concepts form a second group numbered from 0. `--concepts` trains and
 scores the named concepts as one group instead; `--only` keeps just the named concepts, each with its band and seed
 from the default groups. `--set` changes a field of the recipe's TrainConfig (a sweep row, e.g. `--set rank=8`).
-Scores as in the fusion benchmark (`toyworld/scoring.py`): identity = the judge's probability of the concept on its own prompt; fidelity =
-the probability of a background no photo had, when asked for. Writes docs/results/concept_identity.md unless
+Scores as in the fusion benchmark (`toyworld/scoring.py`): identity = the judge's probability of the concept on its
+own prompt; fidelity = the probability of a background no photo had, when asked for. Writes docs/results/concept_identity.md unless
 --no-write.
 """
 
