@@ -97,10 +97,8 @@ def adapter_layers(unet: nn.Module | None, text_encoder: nn.Module | None = None
 
 
 def remove_adapters(unet: nn.Module | None, text_encoder: nn.Module | None) -> None:
-    """Unmerge everything and put the original layers back (their parameters stay frozen)."""
+    """Put the original layers back (their parameters stay frozen)."""
     for layer_name, wrapper in adapter_layers(unet, text_encoder).items():
-        for merged in list(wrapper.merged):
-            wrapper.unmerge(merged)
         _replace(unet, text_encoder, layer_name, wrapper.base)
 
 

@@ -288,8 +288,9 @@ def create_adapter(
 class AdapterLayer(nn.Module):
     """A frozen Linear / Conv2d plus any number of named adapters, each with its own scale.
 
-    ``forward = base(x) + sum(scale_i * correction_i(x))`` over adapters that are not merged and have a
-    nonzero scale; corrections run in each adapter's dtype.
+    ``forward = base(x) + sum(scale_i * correction_i(x))`` over adapters with a nonzero scale; corrections run in
+    each adapter's dtype. The base weight is never written here: fusing into it is `fusion.fuse`'s (through
+    `merge_delta`), and undoing a fuse copies back the weights kept before it (`pipeline.unfuse_concepts`).
 
     ``AdapterLayer(linear)`` is a ``LinearAdapterLayer``, an ``nn.Linear`` (``AdapterLayer(conv)`` likewise an
     ``nn.Conv2d``), and attributes it lacks (``weight``, ``in_features``, ``kernel_size``, ...) are the base layer's:
@@ -315,9 +316,8 @@ class AdapterLayer(nn.Module):
         self.base = base
         self.adapters = nn.ModuleDict()
         self.scales: dict[str, float] = {}
-        self.merged: dict[str, float] = {}
         self.merge_live = False
-        self._changes = 0  # counts changes of the adapter set and merges: part of the dense weight's cache key
+        self._changes = 0  # counts changes of the adapter set: part of the dense weight's cache key
         self._live_weight: tuple[tuple, torch.Tensor] | None = None  # (cache key, dense weight)
 
     @property
@@ -362,51 +362,23 @@ class AdapterLayer(nn.Module):
 
     def set_scale(self, name: str, scale: float) -> None:
         self._adapter(name)
-        if name in self.merged:
-            raise SpectralDiffusionError(f"adapter {name!r} is merged into the weight; unmerge it first")
         self.scales[name] = float(scale)
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """The adapter's dense fp32 ``dW [out, in]`` at scale 1."""
-        up, down = self._adapter(name).delta_factors()
-        return up @ down
-
-    @torch.no_grad()
-    def merge(self, name: str, scale: float | None = None) -> None:
-        """Add ``scale * dW`` (default: the adapter's scale) into the base weight; stop applying it live."""
-        self._adapter(name)
-        if name in self.merged:
-            raise SpectralDiffusionError(f"adapter {name!r} is already merged")
-        scale = self.scales[name] if scale is None else float(scale)
-        merge_delta(self.base, scale * self.delta_weight(name))
-        self.merged[name] = scale
-        self._changes += 1
-
-    @torch.no_grad()
-    def unmerge(self, name: str) -> None:
-        """Subtract the merged ``scale * dW`` back out of the base weight."""
-        if name not in self.merged:
-            raise SpectralDiffusionError(f"adapter {name!r} is not merged")
-        merge_delta(self.base, -(self.merged.pop(name) * self.delta_weight(name)))
-        self._changes += 1
-
     def remove_adapter(self, name: str) -> None:
-        """Drop an adapter, unmerging it first so the base weight is restored."""
+        """Drop an adapter (the base weight was never written)."""
         self._adapter(name)
-        if name in self.merged:
-            self.unmerge(name)
         del self.adapters[name]
         del self.scales[name]
         self._changes += 1
         self._live_weight = None
 
     def _live_names(self) -> list[str]:
-        """Adapters the forward applies: not merged into the base weight, nonzero scale."""
-        return [name for name in self.adapters if name not in self.merged and self.scales[name] != 0.0]
+        """Adapters the forward applies: those with a nonzero scale."""
+        return [name for name in self.adapters if self.scales[name] != 0.0]
 
     def live_weight(self) -> torch.Tensor | None:
         """The dense ``W + sum scale_i dW_i`` over the live adapters (None when there are none), cached for the
-        current scales, adapter set, merges and base weight (scales set back reuse it); summed in fp32 in one
+        current scales, adapter set and base weight (scales set back reuse it); summed in fp32 in one
         product, in insertion order. Adapter tensors are taken as frozen (edits in place are not seen): inference."""
         weight = self.base.weight
         key = (self._changes, tuple(self.scales.values()), weight.data_ptr(), weight._version, weight.dtype,
@@ -455,8 +427,7 @@ class Conv2dAdapterLayer(AdapterLayer, nn.Conv2d):
 @torch.no_grad()
 def merge_delta(module: nn.Module, delta: torch.Tensor) -> None:
     """Add a dense ``dW [out, in]`` into the weight of `module` (or of the layer a wrapper holds) in place, cast to
-    the weight's dtype: the one way a weight change is written into a base weight, by `fusion.fuse` (its merged
-    delta) and `AdapterLayer.merge` / `unmerge` (``-dW``; ``a + (-b)`` is ``a - b`` exactly in floating point)."""
+    the weight's dtype: the one way a weight change is written into a base weight (`fusion.fuse`'s merged delta)."""
     weight = weight_matrix(unwrap(module))
     weight += delta.to(weight.dtype)
 
