@@ -120,6 +120,10 @@ def test_cli_train_takes_the_bases_training_defaults_and_flags_override_them(
     assert "training defaults: batch_size 1, locality_weight 1.0, flip False\n" in capsys.readouterr().out
     settings = load_concept(tmp_path / "b.safetensors").meta.training
     assert (settings["rank"], settings["targets"], settings["steps"], settings["locality_weight"]) == (8, "attn", 1, 1.0)
+    assert settings["flip"] is False
+    assert main([*common, "--token", "<d>", "--flip", "--out", str(tmp_path / "d.safetensors")]) == 0
+    assert "flip" not in capsys.readouterr().out.partition("training defaults:")[2].splitlines()[0]
+    assert load_concept(tmp_path / "d.safetensors").meta.training["flip"] is True
     (base / "training_defaults.json").write_text(json.dumps({"steps": 2, "out": "elsewhere"}))  # a stale file
     assert main([*common, "--token", "<c>", "--out", str(tmp_path / "c.safetensors")]) == 2
     assert capsys.readouterr().err.strip() == (f"error: the training defaults of base {str(base)!r} name unknown "

@@ -8,7 +8,8 @@ module does not carry it. The keys:
 
 - `help`: what the setting does, as plain text (a `%` is a percent sign);
 - `group`: the argument group that lists it (none: the command's own options);
-- `flag`: its name when not `--field-name` (a switch whose field defaults to true: `--no-field-name`);
+- `flag`: its name when not `--field-name` (a switch whose field defaults to true: `--no-field-name`; with
+  `given_only`, where defaults may come from elsewhere, each switch also gets its opposite, `--field-name`);
 - `positional`: true for an argument without a flag; `metavar`: its placeholder in the usage line;
 - `choices`: the values a flag takes (argparse refuses others while parsing);
 - `default_help`: what `(default: ...)` says where the value does not say it (`None`, a switch, a list).
@@ -56,6 +57,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type, table: M
             name = spec.get("flag", f"--no-{field.name.replace('_', '-')}" if off else name)
             target.add_argument(name, dest=field.name, action="store_false" if off else "store_true", help=helped,
                                 **unset)
+            if given_only:  # defaults from elsewhere may set the switch either way: its opposite undoes them
+                opposite = f"--{name[5:]}" if name.startswith("--no-") else f"--no-{name[2:]}"
+                target.add_argument(opposite, dest=field.name, action="store_true" if off else "store_false",
+                                    help=f"the opposite of {name}", **unset)
         elif parse is list:
             target.add_argument(name, dest=field.name, action="append", metavar=spec.get("metavar"), help=helped,
                                 **(unset or {"default": []}))

@@ -19,7 +19,8 @@ spectral_diffusion train ... See docs/training.md.
 
 Settings not given on the command line come from the base model's recommended recipe where its folder has a
 training_defaults.json (the bundled toy model has one: `spectral-diffusion toyworld recipe` prints it as flags),
-else from the defaults shown here (aimed at SD 1.5). The settings taken from the base are printed first.
+else from the defaults shown here (aimed at SD 1.5). The settings taken from the base are printed first. Every
+switch has its opposite, so a flag can undo any of them (--flip where the base's file says "flip": false).
 """
 
 
