@@ -228,6 +228,9 @@ def test_training_defaults_come_from_the_base_folder(tmp_path, tiny_model_dir):
     (folder / models.TRAINING_DEFAULTS_FILE).write_text(json.dumps({"steps": 12, "out": "elsewhere"}))
     with pytest.raises(SpectralDiffusionError, match="unknown settings: out"):
         recipe_for(str(folder))
+    (folder / models.TRAINING_DEFAULTS_FILE).write_text(json.dumps({"overwrite": True, "resume": True}))
+    with pytest.raises(SpectralDiffusionError, match="unknown settings: overwrite, resume$"):
+        recipe_for(str(folder))  # a base's file never decides to overwrite or resume the user's run
     (folder / models.TRAINING_DEFAULTS_FILE).write_text("[1]")
     with pytest.raises(SpectralDiffusionError, match="JSON object"):
         models.training_defaults(str(folder))

@@ -216,8 +216,10 @@ class TrainConfig:
 TrainConfig.device = property(lambda self: self.base.device)  # type: ignore[assignment]
 
 
-# What names a run (photos, token, output, base): never taken from a base's recommended settings.
-PER_RUN_FIELDS = frozenset({"photo_dir", "token", "out", "class_word", "base", "concepts_dir"})
+# What names a run (photos, token, output, base, folders on this machine) or may touch files beyond it (overwrite,
+# resume): never taken from a base's recommended settings.
+PER_RUN_FIELDS = frozenset({"photo_dir", "token", "out", "class_word", "base", "concepts_dir", "prior_dir",
+                            "overwrite", "resume"})
 
 
 def recommended_settings(spec: str) -> dict[str, object]:
