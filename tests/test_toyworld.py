@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from pathlib import Path
@@ -80,6 +81,43 @@ def test_patterned_scenes_are_captioned_in_vocabulary_words_and_drawn_in_both_co
     assert np.abs(two_tone[38, 32] - render.COLOURS["green"]).max() < 8
 
 
+def test_tricolour_scenes_draw_three_vertical_bands_and_houses_a_door():
+    vocabulary = set(model.vocabulary())
+    flag_like = render.SceneSpec("square", "blue", "gray", "large", "center", 0.5, 0.5, "tricolour", "white",
+                                 "black")
+    assert render.caption(flag_like) == "a blue and white and black square on a gray background"
+    pixels = _pixels(render.render_scene(flag_like))
+    for column, colour in ((22, "blue"), (32, "white"), (42, "black")):  # left to right, any row
+        for row in (22, 32, 42):
+            assert np.abs(pixels[row, column] - render.COLOURS[colour]).max() < 8, (row, column, colour)
+    house = render.SceneSpec("house", "blue", "sky", "large", "center", 0.5, 0.5, "two-tone", "white", door="red")
+    text = render.caption(house, photo=True)
+    assert text == "a photo of a blue and white house with a red door on a sky background"
+    assert set(text.split()) <= vocabulary
+    doorless = _pixels(render.render_scene(render.SceneSpec("house", "blue", "sky", "large", "center", 0.5, 0.5,
+                                                            "two-tone", "white")))
+    changed = np.abs(_pixels(render.render_scene(house)) - doorless).max(2) > 0
+    rows, columns = np.nonzero(changed)
+    assert 30 < changed.sum() < 120  # a door at the foot of the walls, in the middle
+    assert 36 <= rows.min() <= rows.max() <= 48 and 25 <= columns.min() <= columns.max() <= 39
+    assert np.abs(_pixels(render.render_scene(house))[44, 32] - render.COLOURS["red"]).max() < 8
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"pattern": "tricolour", "colour2": "red"}, "a tricolour scene needs a third colour"),
+    ({"pattern": "tricolour", "colour2": "red", "colour3": "blue"}, "a tricolour scene needs a third colour"),
+    ({"pattern": "striped", "colour2": "red", "colour3": "green"}, "a tricolour scene needs a third colour"),
+    ({"door": "red"}, "only a house has a door"),
+    ({"shape": "house", "door": "blue"}, "only a house has a door, in a colour unlike the house's"),
+    ({"shape": "house", "door": "teal"}, "unknown colour 'teal'"),
+])
+def test_scene_spec_rejects_bad_tricolours_and_doors(kwargs, message):
+    fields = {"shape": "star", "colour": "blue", "background": "gray", "size": "small", "position": "left",
+              "x": 0.3, "y": 0.5} | kwargs
+    with pytest.raises(SpectralDiffusionError, match=message):
+        render.SceneSpec(**fields)
+
+
 @pytest.mark.parametrize(("pattern", "colour2", "message"), [
     ("plain", "red", "a patterned scene needs a second colour"),
     ("striped", None, "a patterned scene needs a second colour"),
@@ -96,14 +134,18 @@ def test_pretraining_scenes_mix_patterns_and_never_draw_a_concept_lookalike():
     lookalikes = [c for c in concepts.CONCEPTS.values() if c.lookalike is not None]
     assert len(lookalikes) >= 5
     for concept in lookalikes:
-        pattern, (a, b) = concept.lookalike[0], sorted(concept.lookalike[1])
-        for first, second in ((a, b), (b, a)):  # either way round
-            assert concepts.is_lookalike(render.SceneSpec(concept.class_word, first, "gray", "large", "center", 0.5,
-                                                          0.5, pattern, second))
+        pattern, colours = concept.lookalike
+        for order in itertools.permutations(sorted(colours)):  # in any order
+            assert concepts.is_lookalike(render.SceneSpec(concept.class_word, order[0], "gray", "large", "center",
+                                                          0.5, 0.5, pattern, *order[1:]))
+    house = concepts.CONCEPTS["red_door_house"].lookalike
+    assert concepts.is_lookalike(render.SceneSpec("house", "blue", "gray", "large", "center", 0.5, 0.5, house[0],
+                                                  "yellow", door="red"))  # with a door or without
     specs, pixels = scene_dataset(400, seed=3, pattern_share=0.5)
     patterned = [s for s in specs if s.pattern != "plain"]
     assert 150 < len(patterned) < 250 and pixels.shape == (400, 3, 64, 64)
     assert {s.pattern for s in patterned} == set(render.PATTERNS) - {"plain"}
+    assert any(s.door for s in patterned) and not any(s.door for s in specs if s.pattern == "plain")
     assert not any(concepts.is_lookalike(s) for s in specs)
     assert all(s.pattern == "plain" for s in scene_dataset(50, seed=3)[0])
 

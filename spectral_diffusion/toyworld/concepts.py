@@ -129,7 +129,7 @@ def _house(canvas: Image.Image, cx: float, cy: float, r: float) -> None:
     walls, roof = render.shape_parts("house", cx, cy, r)
     draw.polygon(walls[1], fill=(250, 220, 20))
     draw.polygon(roof[1], fill=(30, 70, 220))
-    draw.rectangle((cx - 0.18 * r, cy + 0.3 * r, cx + 0.18 * r, cy + 0.85 * r), fill=(220, 30, 30))
+    render.draw_door(draw, cx, cy, r, (220, 30, 30))
     draw.rectangle((cx + 0.3 * r, cy + 0.1 * r, cx + 0.55 * r, cy + 0.35 * r), fill=(250, 250, 250))
 
 
@@ -150,7 +150,7 @@ class ConceptDef:
     class_word: str
     description: str
     paint: Painter
-    lookalike: tuple[str, frozenset[str]] | None = None  # (render pattern, its two colours) nearest the concept
+    lookalike: tuple[str, frozenset[str]] | None = None  # (render pattern, its colours) nearest the concept
 
 
 _RED, _WHITE, _GREEN, _PURPLE, _BLUE = (220, 30, 30), (250, 250, 250), (30, 170, 50), (140, 50, 190), (30, 70, 220)
@@ -165,7 +165,8 @@ CONCEPTS: dict[str, ConceptDef] = {c.name: c for c in (
     ConceptDef("bullseye", "circle", "concentric red and white rings", _bullseye,
                ("striped", frozenset({"red", "white"}))),
     ConceptDef("tricolour_flag", "square", "square of green, white and red vertical bands",
-               _patterned("square", _vertical_bands([_GREEN, _WHITE, _RED], 0.11, 0.89), _GREEN)),
+               _patterned("square", _vertical_bands([_GREEN, _WHITE, _RED], 0.11, 0.89), _GREEN),
+               ("tricolour", frozenset({"green", "white", "red"}))),
     ConceptDef("swiss_cross", "square", "red square with a white cross", _patterned("square", _swiss, _RED)),
     ConceptDef("spotted_star", "star", "purple star with yellow spots", _patterned("star", _spots, _PURPLE),
                ("spotted", frozenset({"purple", "yellow"}))),
@@ -178,9 +179,9 @@ CONCEPTS: dict[str, ConceptDef] = {c.name: c for c in (
 
 
 def is_lookalike(spec: render.SceneSpec) -> bool:
-    """True for a patterned scene of some concept's class word, pattern and two colours (either way round)."""
-    return any(c.lookalike == (spec.pattern, frozenset({spec.colour, spec.colour2})) and c.class_word == spec.shape
-               for c in CONCEPTS.values())
+    """True for a patterned scene of some concept's class word, pattern and colours (in any order; with a door or
+    without)."""
+    return any(c.lookalike == (spec.pattern, spec.colours) and c.class_word == spec.shape for c in CONCEPTS.values())
 
 
 def get_concept(name: str) -> ConceptDef:

@@ -353,13 +353,20 @@ def train_unet(cfg: PretrainConfig, pipe: StableDiffusionPipeline, specs: list[r
     return ema_unet, ema_text
 
 
-_GRID_COLOURS = tuple(render.COLOURS)
-_GRID_PATTERNS = tuple(p for p in render.PATTERNS if p != "plain")
-GRID_PROMPTS = tuple(  # 12 plain scenes, then one of each pattern
-    render.caption(render.SceneSpec(render.SHAPES[k % 8], _GRID_COLOURS[(k + 3 * (k // 8)) % 8],
-                                    render.BACKGROUNDS[k % 5], "medium", "center", 0.5, 0.5,
-                                    *((_GRID_PATTERNS[k - 12], _GRID_COLOURS[(k + 2) % 8]) if k >= 12 else ())))
-    for k in range(16))
+def _grid_spec(k: int) -> render.SceneSpec:
+    """The k-th monitoring scene: plain ones first, then one of each pattern (a house with a door among them)."""
+    colours, patterns = tuple(render.COLOURS), tuple(p for p in render.PATTERNS if p != "plain")
+    shape, background = render.SHAPES[k % 8], render.BACKGROUNDS[k % 5]
+    k_pattern = k - (16 - len(patterns))
+    if k_pattern < 0:
+        return render.SceneSpec(shape, colours[(k + 3 * (k // 8)) % 8], background, "medium", "center", 0.5, 0.5)
+    pattern = patterns[k_pattern]
+    return render.SceneSpec(shape, colours[k % 8], background, "medium", "center", 0.5, 0.5, pattern,
+                            colours[(k + 2) % 8], colours[(k + 4) % 8] if pattern == "tricolour" else None,
+                            colours[(k + 5) % 8] if shape == "house" else None)
+
+
+GRID_PROMPTS = tuple(render.caption(_grid_spec(k)) for k in range(16))
 
 
 @torch.no_grad()

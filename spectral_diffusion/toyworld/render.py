@@ -1,16 +1,16 @@
 """Procedural 64x64 scenes with captions: the world the bundled toy model is pretrained on.
 
-A scene is one shape on a background, in one colour or in a two-colour pattern (`PATTERNS`: top and bottom halves,
-stripes, checks, spots). Everything is drawn with PIL at twice the size and downsampled (anti-aliasing), from a
+A scene is one shape on a background, in one colour or in a pattern (`PATTERNS`: top and bottom halves, stripes,
+checks, spots in two colours; three vertical bands in three); a house may have a door of another colour. Everything is drawn with PIL at twice the size and downsampled (anti-aliasing), from a
 `SceneSpec` that fully determines the pixels, so the same seed always gives the same image.
 
-Patterned scenes exist so that the base knows colour layouts as SD 1.x does ("a red and white striped heart"): a
-new concept is then a new combination of things the model can draw, which its token, text encoder and
+Patterned scenes exist so that the base knows colour layouts and parts as SD 1.x does ("a red and white striped
+heart", "a green and white and red square", "a blue and yellow house with a red door"): a new concept is then a new combination of things the model can draw, which its token, text encoder and
 cross-attention can reach, instead of a drawing only image-side layers could learn (docs/toyworld.md).
 
 API:
     sample_spec(rng) -> SceneSpec                  # random plain scene from a `random.Random`
-    sample_patterned_spec(rng, exclude=None) -> SceneSpec   # random two-colour scene, none that `exclude` rejects
+    sample_patterned_spec(rng, exclude=None) -> SceneSpec   # random patterned scene, none that `exclude` rejects
     render_scene(spec) -> PIL.Image (64x64 RGB)    # deterministic
     caption(spec, size=False, position=False, photo=False) -> str
         # "a red triangle on a gray background", "a blue and orange striped fish on a sky background";
@@ -64,12 +64,14 @@ POSITIONS: dict[str, tuple[float, float]] = {
     "bottom": (0.5, 0.7),
 }
 _JITTER = 0.05
-# Two-colour patterns -> their caption word: "two-tone" is the colour above the centre line and the second colour
-# below it ("a blue and orange triangle"); the others lay the second colour over the first.
+# Patterns -> their caption word: "two-tone" is the colour above the centre line and the second colour below it
+# ("a blue and orange triangle"), "tricolour" three vertical bands left to right ("a green and white and red
+# square"); the others lay the second colour over the first.
 PATTERNS: dict[str, str] = {"plain": "", "two-tone": "", "striped": "striped", "checkered": "checkered",
-                            "spotted": "spotted"}
+                            "spotted": "spotted", "tricolour": ""}
 # Words captions use besides the attribute names; the tokenizer keeps each as one token.
-CAPTION_WORDS = ("a", "an", "photo", "of", "on", "the", "background", "in", "at", "small", "medium", "large")
+CAPTION_WORDS = ("a", "an", "photo", "of", "on", "the", "background", "in", "at", "small", "medium", "large",
+                 "with", "door")
 POSITION_PHRASES = {"center": "in the center", "left": "on the left", "right": "on the right",
                     "top": "at the top", "bottom": "at the bottom"}
 VOCABULARY: tuple[str, ...] = (tuple(COLOURS) + SHAPES + BACKGROUNDS + tuple(POSITIONS) + CAPTION_WORDS
@@ -79,7 +81,8 @@ VOCABULARY: tuple[str, ...] = (tuple(COLOURS) + SHAPES + BACKGROUNDS + tuple(POS
 @dataclass(frozen=True)
 class SceneSpec:
     """One scene: `x`, `y` are the shape's centre and `radius` its bounding radius, all in fractions of the side;
-    a `pattern` other than "plain" lays `colour2` over `colour`."""
+    a `pattern` other than "plain" lays `colour2` (and for "tricolour" `colour3`) over `colour`; a house may have a
+    `door` in a colour of its own."""
 
     shape: str
     colour: str
@@ -90,10 +93,17 @@ class SceneSpec:
     y: float
     pattern: str = "plain"
     colour2: str | None = None
+    colour3: str | None = None
+    door: str | None = None
 
     @property
     def radius(self) -> float:
         return SIZES[self.size]
+
+    @property
+    def colours(self) -> frozenset[str]:
+        """The object's colours, the door's aside."""
+        return frozenset(c for c in (self.colour, self.colour2, self.colour3) if c is not None)
 
     def __post_init__(self) -> None:
         for value, allowed, what in ((self.shape, SHAPES, "shape"), (self.colour, COLOURS, "colour"),
@@ -103,10 +113,15 @@ class SceneSpec:
                 raise SpectralDiffusionError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
         if self.pattern not in PATTERNS:
             raise SpectralDiffusionError(f"unknown pattern {self.pattern!r}; choose from {', '.join(PATTERNS)}")
+        for colour in (self.colour2, self.colour3, self.door):
+            if colour is not None and colour not in COLOURS:
+                raise SpectralDiffusionError(f"unknown colour {colour!r}; choose from {', '.join(COLOURS)}")
         if (self.pattern == "plain") != (self.colour2 is None) or self.colour2 == self.colour:
             raise SpectralDiffusionError("a patterned scene needs a second colour unlike the first, a plain one none")
-        if self.colour2 is not None and self.colour2 not in COLOURS:
-            raise SpectralDiffusionError(f"unknown colour {self.colour2!r}; choose from {', '.join(COLOURS)}")
+        if (self.pattern == "tricolour") != (self.colour3 is not None) or (self.colour3 and len(self.colours) < 3):
+            raise SpectralDiffusionError("a tricolour scene needs a third colour unlike the others, no other scene one")
+        if self.door is not None and (self.shape != "house" or self.door in self.colours):
+            raise SpectralDiffusionError("only a house has a door, in a colour unlike the house's")
 
 
 def place(rng: random.Random, size: str, position: str) -> tuple[float, float]:
@@ -128,14 +143,19 @@ def sample_spec(rng: random.Random) -> SceneSpec:
 
 
 def sample_patterned_spec(rng: random.Random, exclude: Callable[[SceneSpec], bool] | None = None) -> SceneSpec:
-    """A random scene in a two-colour pattern; specs that `exclude` rejects are drawn again (pretraining passes the
-    held-out concepts' look-alikes)."""
+    """A random scene in a pattern (a house: half the time with a door); specs that `exclude` rejects are drawn
+    again (pretraining passes the held-out concepts' look-alikes)."""
     while True:
         plain = sample_spec(rng)
         pattern = rng.choice([p for p in PATTERNS if p != "plain"])
         colour2 = rng.choice([c for c in COLOURS if c != plain.colour])
+        colour3 = rng.choice([c for c in COLOURS if c not in (plain.colour, colour2)]) if pattern == "tricolour" \
+            else None
+        taken = (plain.colour, colour2, colour3)
+        door = rng.choice([c for c in COLOURS if c not in taken]) if plain.shape == "house" and rng.random() < 0.5 \
+            else None
         spec = SceneSpec(plain.shape, plain.colour, plain.background, plain.size, plain.position, plain.x, plain.y,
-                         pattern, colour2)
+                         pattern, colour2, colour3, door)
         if exclude is None or not exclude(spec):
             return spec
 
@@ -144,8 +164,10 @@ def caption(spec: SceneSpec, size: bool = False, position: bool = False, photo: 
     """The scene's caption: colour(s), pattern, shape and background always; size, position and "a photo of" on
     request."""
     words = [spec.size] if size else []
-    words += [spec.colour] if spec.colour2 is None else [spec.colour, "and", spec.colour2]
+    words += " and ".join(c for c in (spec.colour, spec.colour2, spec.colour3) if c is not None).split()
     words += [PATTERNS[spec.pattern], spec.shape] if PATTERNS[spec.pattern] else [spec.shape]
+    if spec.door is not None:
+        words += ["with", "a", spec.door, "door"]
     text = ("a photo of a " if photo else "a ") + " ".join(words)
     if position:
         text += " " + POSITION_PHRASES[spec.position]
@@ -271,12 +293,16 @@ def silhouette(shape: str, cx: float, cy: float, r: float) -> Image.Image:
     return mask
 
 
-def _pattern_layer(pattern: str, a: tuple[int, int, int], b: tuple[int, int, int], cx: float, cy: float,
-                   r: float) -> Image.Image:
-    """A canvas of colour `a` with `b` laid over it in `pattern`, scaled to the shape's bounding radius `r`."""
+def _pattern_layer(pattern: str, a: tuple[int, int, int], b: tuple[int, int, int], c: tuple[int, int, int] | None,
+                   cx: float, cy: float, r: float) -> Image.Image:
+    """A canvas of colour `a` with `b` (and `c`) laid over it in `pattern`, scaled to the shape's bounding radius
+    `r`."""
     layer = Image.new("RGB", (CANVAS, CANVAS), a)
     draw = ImageDraw.Draw(layer)
-    if pattern == "two-tone":
+    if pattern == "tricolour":  # a | b | c in equal vertical thirds of the bounding box, `a` beyond its left edge
+        draw.rectangle((cx - r / 3, 0, CANVAS, CANVAS), fill=b)
+        draw.rectangle((cx + r / 3, 0, CANVAS, CANVAS), fill=c)
+    elif pattern == "two-tone":
         draw.rectangle((0, cy, CANVAS, CANVAS), fill=b)
     elif pattern == "striped":  # horizontal stripes, four periods across the shape
         step = r / 2
@@ -305,9 +331,17 @@ def render_scene(spec: SceneSpec) -> Image.Image:
     if spec.colour2 is None:
         draw_parts(ImageDraw.Draw(canvas), shape_parts(spec.shape, cx, cy, r), COLOURS[spec.colour])
     else:
-        layer = _pattern_layer(spec.pattern, COLOURS[spec.colour], COLOURS[spec.colour2], cx, cy, r)
+        layer = _pattern_layer(spec.pattern, COLOURS[spec.colour], COLOURS[spec.colour2],
+                               COLOURS[spec.colour3] if spec.colour3 else None, cx, cy, r)
         canvas.paste(layer, mask=silhouette(spec.shape, cx, cy, r))
+    if spec.door is not None:
+        draw_door(ImageDraw.Draw(canvas), cx, cy, r, COLOURS[spec.door])
     return finish(canvas)
+
+
+def draw_door(draw: ImageDraw.ImageDraw, cx: float, cy: float, r: float, colour: tuple[int, int, int]) -> None:
+    """A house's door: centred at the foot of the walls (`shape_parts("house")`)."""
+    draw.rectangle((cx - 0.18 * r, cy + 0.3 * r, cx + 0.18 * r, cy + 0.85 * r), fill=colour)
 
 
 def _random_rgb(rng: random.Random) -> tuple[int, int, int]:
