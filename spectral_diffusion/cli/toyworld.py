@@ -20,7 +20,7 @@ PRETRAIN_FLAGS = {
     "init_from": {"metavar": "MODEL_DIR", "help": "start the UNet and text encoder from this diffusers folder's (a "
                                                   "fine-tuning run, e.g. the bundled model after a change of the "
                                                   "world); its vocabulary must be the world's"},
-    "pattern_share": {"help": "share of the scenes drawn in a two-colour pattern"},
+    "pattern_share": {"help": "share of the scenes drawn in a pattern (two or three colours)"},
     "warmup_steps": {"help": "learning-rate warm-up steps of each stage"},
     "vae_minutes": {"help": "VAE training budget"},
     "unet_minutes": {"help": "UNet + text encoder training budget"},

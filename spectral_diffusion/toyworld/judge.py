@@ -4,7 +4,7 @@ It predicts four things for a 64x64 image: which held-out concept it shows (or "
 counts as its class word's shape), the object colour (only learned on plain scenes) and the background. Scores built
 on it measure identity retention and prompt fidelity without any pretrained network.
 
-Training (`train_judge`) draws fresh renders every step, half base-world scenes (plain or in a two-colour pattern,
+Training (`train_judge`) draws fresh renders every step, half base-world scenes (plain or in a pattern,
 labelled "none") and half concept photos on every background, with augmentation that mimics generated images: Gaussian noise, blur, colour jitter, JPEG
 compression, small shifts and zooms, and optionally a pass through the toy model's VAE (encode + decode of renders:
 its colour shifts and softness, not model generations).
@@ -131,7 +131,7 @@ class Judge:
 
 def sample_example(rng: random.Random) -> tuple[Image.Image, dict[str, int]]:
     """A fresh render and its labels: half the time a concept on any background, else a scene of the base world
-    (concept "none"): plain, or a quarter of the time in a two-colour pattern (no colour label), never a concept's
+    (concept "none"): plain, or a quarter of the time in a pattern (no colour label), never a concept's
     look-alike, as pretraining draws them. Ordinary patterned things are thus not concepts to the judge."""
     if rng.random() < 0.5:
         patterned = rng.random() < 0.25

@@ -5,7 +5,7 @@ cosine learning-rate schedule follows the fraction of the budget spent (kept in 
 a stage ends on time with a fully decayed learning rate whatever the load. Step counts are logged.
 
 - Data: a fixed, seeded set of rendered scenes, re-rendered in seconds on every run: plain ones
-  (`render.sample_spec`) and, a `pattern_share` of them, two-colour ones (`render.sample_patterned_spec`) minus the
+  (`render.sample_spec`) and, a `pattern_share` of them, patterned ones (`render.sample_patterned_spec`) minus the
   held-out concepts' look-alikes (`concepts.is_lookalike`). The VAE also sees uncaptioned clutter
   (`render.render_clutter`). The held-out concepts are never drawn.
 - Stage 1 (VAE): MSE + L1 reconstruction, tiny KL weight; PSNR on held-out renders is logged. `vae_from` reuses
@@ -65,7 +65,7 @@ class PretrainConfig:
     noise_draws: int = 2  # noise draws per encoded caption: the text encoder is a third of a step's time
     vae_from: Path | None = None  # a diffusers folder whose VAE is reused: stage 1 is skipped
     init_from: Path | None = None  # a diffusers folder (same vocabulary) whose UNet + text encoder start stage 2
-    pattern_share: float = 0.5  # share of the scenes drawn in a two-colour pattern
+    pattern_share: float = 0.5  # share of the scenes drawn in a pattern
     vae_lr: float = 1e-3
     unet_lr: float = 1e-3
     warmup_steps: int = 300

@@ -1,12 +1,14 @@
 """Procedural 64x64 scenes with captions: the world the bundled toy model is pretrained on.
 
 A scene is one shape on a background, in one colour or in a pattern (`PATTERNS`: top and bottom halves, stripes,
-checks, spots in two colours; three vertical bands in three); a house may have a door of another colour. Everything is drawn with PIL at twice the size and downsampled (anti-aliasing), from a
-`SceneSpec` that fully determines the pixels, so the same seed always gives the same image.
+checks, spots in two colours; three vertical bands in three); a house may have a door of another colour. Everything
+is drawn with PIL at twice the size and downsampled (anti-aliasing), from a `SceneSpec` that fully determines the
+pixels, so the same seed always gives the same image.
 
 Patterned scenes exist so that the base knows colour layouts and parts as SD 1.x does ("a red and white striped
-heart", "a green and white and red square", "a blue and yellow house with a red door"): a new concept is then a new combination of things the model can draw, which its token, text encoder and
-cross-attention can reach, instead of a drawing only image-side layers could learn (docs/toyworld.md).
+heart", "a green and white and red square", "a blue and yellow house with a red door"): a new concept is then a new
+combination of things the model can draw, which its token, text encoder and cross-attention can reach, instead of a
+drawing only image-side layers could learn (docs/toyworld.md).
 
 API:
     sample_spec(rng) -> SceneSpec                  # random plain scene from a `random.Random`
