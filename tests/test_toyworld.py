@@ -141,6 +141,9 @@ def test_pretraining_scenes_mix_patterns_and_never_draw_a_concept_lookalike():
     house = concepts.CONCEPTS["red_door_house"].lookalike
     assert concepts.is_lookalike(render.SceneSpec("house", "blue", "gray", "large", "center", 0.5, 0.5, house[0],
                                                   "yellow", door="red"))  # with a door or without
+    for shape, third in (("square", "blue"), ("circle", "red")):  # another colour, or another class word: allowed
+        assert not concepts.is_lookalike(render.SceneSpec(shape, "green", "gray", "large", "center", 0.5, 0.5,
+                                                          "tricolour", "white", third))
     specs, pixels = scene_dataset(400, seed=3, pattern_share=0.5)
     patterned = [s for s in specs if s.pattern != "plain"]
     assert 150 < len(patterned) < 250 and pixels.shape == (400, 3, 64, 64)
