@@ -273,13 +273,18 @@ def test_locality_loss_starts_at_zero_and_trains_only_the_adapters(tiny_pipe: St
     config = _config(photos, tmp_path / "dogA.safetensors", tiny_model_dir, targets="kv", lr_text=1e-3,
                      locality_weight=1.0)
     trainer = Trainer(config, pipe=tiny_pipe)
-    captions = ["a photo of <dogA> dog", "<dogA> dog in the snow"]
+    captions = ["a photo of <doga> dog", "<doga> dog in the snow"]  # the token as stored: lower case
     assert trainer.locality_loss(captions, torch.Generator().manual_seed(0)).item() == 0.0  # zero-init adapters
     with torch.no_grad():
         for param in trainer.trainables.values():
             param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+    encoded: list[str] = []
+    encode = trainer._encode_captions
+    trainer._encode_captions = lambda texts: encoded.extend(texts) or encode(texts)
     loss = trainer.locality_loss(captions, torch.Generator().manual_seed(0))
     assert loss.item() > 0
+    # the token dropped, the empty prompt (classifier-free guidance's unconditional branch), then the captions
+    assert encoded == ["a photo of dog", "dog in the snow", "", *captions]
     loss.backward()
     grads = {n: p.grad for n, p in trainer.trainables.items()}
     assert grads["embeddings.rows"] is None  # prompts without the concept's own vectors: the token is free

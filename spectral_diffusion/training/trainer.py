@@ -425,12 +425,14 @@ class Trainer:
         """Text-side interference control: on prompts that do not carry this concept's token, the adapted text
         encoder and cross-attention keys/values give the base model's outputs (relative MSE, averaged over them).
 
-        Two kinds of such prompts come from this step's captions: the token dropped (ordinary prompts), and the
-        token's vectors replaced by random ones of the same norms (a foreign token: what another concept puts there
-        once fused). Needs text encodings only, no UNet pass; only the adapters get its gradient.
+        Three kinds of such prompts: this step's captions with the token dropped (ordinary prompts), the empty
+        prompt (the unconditional branch of classifier-free guidance), and the captions with the token's vectors
+        replaced by random ones of the same norms (a foreign token: what another concept puts there once fused). Needs text encodings only, no UNet pass; only the adapters get its gradient.
         """
         token, device = self.config.token, self.accelerator.device
-        ordinary = [" ".join(c.replace(token, " ").split()) for c in captions]
+        # the empty prompt is classifier-free guidance's unconditional branch, which every concept of a fused model
+        # shares: a concept that moves it pulls every other concept's images with it
+        ordinary = [" ".join(c.replace(token, " ").split()) for c in captions] + [""]
         ids = self._encode_captions(ordinary + captions).to(device)
         rows = self.embeddings.rows.detach()
         foreign = torch.randn(rows.shape, generator=generator).to(rows)
