@@ -1,10 +1,12 @@
 """Atomic, durable writes: a reader (or a crash, or a power loss) never sees a half-written file or folder, and an
 existing one is replaced only once its successor is complete.
 
-The successor is written to a hidden temp sibling `.<name>.<hex>.tmp`, every file in it is fsynced, it is renamed
-over `<name>`, and the parent folder is fsynced so the rename itself is on disk. A run killed mid-write leaves its
-temp sibling (or a replaced folder's `.<name>.<hex>.old`) behind; the next atomic write of the same output removes
-those, except any that a live writer holds: each writer keeps an advisory lock (`flock`) on its temp file or folder.
+The successor is written in a hidden temp folder `.<name>.<hex>.tmp` beside it (a folder's successor is that
+folder; a file's lies inside it), every file is fsynced, it is renamed over `<name>`, and the parent folder is fsynced
+so the rename itself is on disk. A run killed mid-write leaves its temp folder (or a replaced folder's
+`.<name>.<hex>.old`) behind; the next atomic write of the same output removes those, except any that a live writer
+holds: each writer keeps an advisory lock (`flock`) on its temp folder, whose inode stays put whatever the writer
+does inside it (safetensors replaces the file it is given).
 """
 
 from __future__ import annotations
@@ -55,6 +57,31 @@ def _held(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+@contextmanager
+def _fresh(path: Path) -> Iterator[Path]:
+    """A new empty temp folder beside `path`, locked for the block. Another writer's cleanup could remove it only in
+    the instant between its creation and the lock; one found gone then is made again, so nobody writes into a
+    removed temp."""
+    while True:
+        tmp = _sibling(path, "tmp")
+        tmp.mkdir()
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield tmp
+    finally:
+        os.close(fd)
+
+
 def remove_stale_siblings(path: str | Path) -> list[Path]:
     """Remove `.<name>.<hex>.tmp` / `.old` siblings of `path` that no live writer holds; returns what was removed."""
     path = Path(path)
@@ -99,27 +126,28 @@ def check_writable(folder: str | Path) -> None:
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a fresh temp path beside `path`, fsync it, then rename it over `path`.
+    """Call `write(tmp)` on a fresh temp path, fsync it, then rename it over `path`.
 
     The temp file is created empty before `write` runs, with the usual permissions (0666 less the umask), and
     `write` may reopen, truncate or even replace it: writers that make their own private file (safetensors writes
-    0600) get the usual permissions back before the rename.
+    0600) get the usual permissions back before the rename. It lies in a locked temp folder beside `path`, so a
+    writer that replaces it does not drop the lock that keeps other writers' cleanup away.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_siblings(path)
-    tmp = _sibling(path, "tmp")
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    mode = stat.S_IMODE(os.stat(tmp).st_mode)
-    try:
-        with _held(tmp):
+    with _fresh(path) as folder:
+        try:
+            tmp = folder / path.name
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            mode = stat.S_IMODE(os.stat(tmp).st_mode)
             write(tmp)
             os.chmod(tmp, mode)
             _fsync(tmp)
             os.replace(tmp, path)
-        _fsync(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+        finally:
+            shutil.rmtree(folder)
+    _fsync(path.parent)
     return path
 
 
@@ -130,11 +158,9 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_siblings(path)
-    tmp = _sibling(path, "tmp")
-    tmp.mkdir()
-    file_mode = stat.S_IMODE(os.stat(tmp).st_mode) & 0o666  # mkdir applied the umask to 0777
-    try:
-        with _held(tmp):
+    with _fresh(path) as tmp:
+        file_mode = stat.S_IMODE(os.stat(tmp).st_mode) & 0o666  # mkdir applied the umask to 0777
+        try:
             yield tmp
             for folder, _, files in os.walk(tmp):
                 for name in files:
@@ -150,6 +176,6 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             else:
                 tmp.rename(path)
                 _fsync(path.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)

@@ -81,3 +81,43 @@ def test_stale_temp_siblings_of_the_same_output_are_removed_by_the_next_write(tm
     assert not any(p.exists() for p in stale)
     assert all(p.read_bytes() == b"not ours" for p in kept) and held.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, held.name, *(p.name for p in kept)])
+
+
+@pytest.mark.parametrize("make", ["file", "folder"])
+def test_a_temp_removed_before_its_writer_locked_it_is_made_again(tmp_path: Path, make: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes writing the same output: the other's cleanup may remove this writer's temp in the instant
+    between its creation and its lock; the writer notices and writes into a new one."""
+    out = tmp_path / "svd.safetensors"
+    real, removed = fcntl.flock, []
+
+    def cleanup_wins_once(fd: int, operation: int) -> None:
+        temp = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if not removed and operation == fcntl.LOCK_EX:  # the writer's lock, not the cleanup's own try
+            removed.append(temp)
+            assert atomic.remove_stale_siblings(out) == [temp]  # unlocked yet: it looks stale
+        real(fd, operation)
+
+    monkeypatch.setattr(atomic.fcntl, "flock", cleanup_wins_once)
+    if make == "file":
+        atomic_write(out, lambda tmp: tmp.write_bytes(b"new"))
+        assert out.read_bytes() == b"new"
+    else:
+        with atomic_directory(out) as tmp:
+            (tmp / "x").write_bytes(b"new")
+        assert (out / "x").read_bytes() == b"new"
+    assert removed and [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_a_writer_that_replaces_its_temp_file_keeps_it_from_another_writers_cleanup(tmp_path: Path) -> None:
+    """safetensors replaces the file it is given: the lock must not be on that file, or a second process writing the
+    same output (two jobs computing one SVD cache entry) removes it mid-write."""
+    out = tmp_path / "svd.safetensors"
+
+    def write(tmp: Path) -> None:
+        tmp.unlink()
+        tmp.write_bytes(b"new")  # a new inode, as safetensors' save_file makes
+        assert atomic.remove_stale_siblings(out) == []  # the other writer's cleanup, meanwhile
+
+    atomic_write(out, write)
+    assert out.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == [out.name]
