@@ -131,7 +131,7 @@ def main() -> None:
     fresh = sd15_pipeline()  # closed-form fusion starts again from the plain base
     t_closed, closed = time_it(lambda: fuse(paths, fresh, method="closed-form", weights=list(weights.values())))
     report(f"closed-form (text-side) fuse of {args.concepts} concepts (total, no image sampling)", t_closed)
-    report("  of which the text-fed layers (encode and solve, layer by layer)", closed.timings["text layers"])
+    report("  of which recording the text encodings", closed.timings["record"])
 
     modules = adaptable_layers(pipe.unet, pipe.text_encoder)
     gen = torch.Generator().manual_seed(0)

@@ -35,11 +35,11 @@ from spectral_diffusion.fusion.methods import (
     concat_factors,
     concept_prompts,
     dare_merge,
-    fuse_text_layers,
     merged_delta,
     ordinary_prompts,
     record_gradient_stats,
     record_prompts,
+    record_text_stats,
     ties_merge,
 )
 from spectral_diffusion.fusion.writers import (
@@ -80,7 +80,7 @@ __all__ = [
     "read_prompts",
     "record_gradient_stats",
     "record_prompts",
-    "fuse_text_layers",
+    "record_text_stats",
     "save_fused",
     "ties_merge",
     "weights_for",

@@ -30,9 +30,9 @@ from spectral_diffusion.fusion.methods import (
     METHODS,
     GradientStats,
     concat_factors,
-    fuse_text_layers,
     merged_delta,
     record_gradient_stats,
+    record_text_stats,
 )
 from spectral_diffusion.tokens import add_concept_tokens, check_new_token
 
@@ -175,19 +175,16 @@ def fuse(concepts: Sequence[Concept | str | Path], pipe: StableDiffusionPipeline
         stats = record_gradient_stats(pipe, loaded, weights, factors, steps=record_steps, size=record_size,
                                       seed=seed)
         timings["record"] = time.perf_counter() - recording
-    solved: list[str] = []
     if method == "closed-form":
         # the prompts themselves go into fusion.json: the merge can be redone from the record
         options.update(ridge=ridge, prior_weight=prior_weight, prior_prompts=list(prior_prompts))
-        solving = time.perf_counter()  # text-fed layers, merged as they are solved (each on its predecessors)
-        solved = fuse_text_layers(pipe, loaded, weights, factors, ridge=ridge, prior_weight=prior_weight,
+        recording = time.perf_counter()
+        stats = record_text_stats(pipe, loaded, weights, factors, prior_weight=prior_weight,
                                   prior_prompts=prior_prompts)
-        timings["text layers"] = time.perf_counter() - solving
+        timings["record"] = time.perf_counter() - recording
     merging = time.perf_counter()
     with torch.no_grad():
         for name, per in factors.items():
-            if name in solved:
-                continue
             if name in stats:
                 delta = stats[name].solve(ridge)
             else:  # closed-form fusion sums the layers that do not read the text alone

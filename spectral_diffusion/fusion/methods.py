@@ -11,13 +11,11 @@ Baselines, for the quality benchmark (they accept every adapter variant):
 - `dare`: DARE: drop each entry with probability `1 - density` (seeded), rescale the rest by `1/density`, sum.
 - `closed-form`: text-side least squares (Custom Diffusion's merge, generalised to every text-fed layer). For each
   layer whose input is the prompt's encoding alone (text encoder, cross-attention keys / values) it solves
-  `min_W sum_i ||W X_i - Y_i||^2 + p ||W X_0 - Y_0||^2`, with `Y_i` that layer's outputs while concept `i`'s own
-  model encodes its prompts (its training captions and templates), `Y_0` the base's outputs for ordinary prompts
-  (the empty prompt, the class words, the captions without their tokens), and `X_i`, `X_0` the inputs the *fused*
-  model gives the layer on the same prompts: layers are solved in forward order, each on its merged predecessors'
-  outputs, so an earlier layer's error is corrected instead of carried on. Each concept then keeps its own mapping
-  of its own token, other concepts' deltas are cancelled on it, and ordinary prompts map as in the base. Text
-  encodings only (no image is sampled): seconds. Other layers get the exact sum.
+  `min_W sum_i ||W X_i - (W0 + w_i dW_i) X_i||^2 + p ||W X_0 - W0 X_0||^2`, with `X_i` that layer's inputs while
+  concept `i`'s own model encodes its prompts (its training captions and templates) and `X_0` the base's inputs for
+  ordinary prompts (the empty prompt, the class words, the captions without their tokens). Each concept then keeps
+  its own mapping of its own token, other concepts' deltas are cancelled on it, and ordinary prompts map as in the
+  base. Text encodings only (no image is sampled): seconds. Other layers get the exact sum.
 - `gradient`: Mix-of-Show's gradient fusion `min_W sum_i ||W X_i - (W0 + w_i dW_i) X_i||^2`, with `X_i` the layer
   inputs recorded while concept `i`'s model encodes and samples its prompts. Solved per layer in closed form from
   Gram matrices accumulated by forward hooks (no activation is stored), with a small ridge towards `W0`:
@@ -27,7 +25,6 @@ Baselines, for the quality benchmark (they accept every adapter variant):
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -38,7 +35,7 @@ from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
 from torch import nn
 
 from spectral_diffusion.adapters.inject import load_adapter, remove_adapters
-from spectral_diffusion.adapters.layers import Factors, layer_generator, merge_delta, unwrap
+from spectral_diffusion.adapters.layers import Factors, layer_generator, unwrap
 from spectral_diffusion.adapters.targets import adaptable_layers, is_text_fed
 from spectral_diffusion.bands import weight_matrix
 from spectral_diffusion.concept_file import Concept, ConceptMeta
@@ -109,14 +106,6 @@ class GradientStats:
             projected = down @ gram  # [k, in]
             self.cross += up @ projected
             self.const += float(((projected @ down.mT) * (up.mT @ up)).sum())
-
-    def add_pair(self, inputs: torch.Tensor, residual: torch.Tensor, scale: float = 1.0) -> None:
-        """Fold in one group's input rows `X` [n, in] and the residuals `R` [n, out] its outputs must gain over the
-        base weight's (`min_D ||X D^T - R||^2`), as a mean over rows times `scale`."""
-        scale = scale / len(inputs)
-        self.gram += scale * inputs.mT @ inputs
-        self.cross += scale * residual.mT @ inputs
-        self.const += scale * float(residual.square().sum())
 
     def solve(self, ridge: float) -> torch.Tensor:
         """The minimising `D = A (S + lambda I)^-1` (fp32), `lambda = ridge * tr(S) / in`; zero if no input."""
@@ -203,97 +192,52 @@ def ordinary_prompts(metas: Sequence[ConceptMeta]) -> list[str]:
     return sorted(prompts)
 
 
-@torch.no_grad()
-def fuse_text_layers(pipe: StableDiffusionPipeline, concepts: Sequence[tuple[Concept, str | None]],
-                     weights: Sequence[float], factors: Mapping[str, Sequence[Factors | None]], *, ridge: float,
-                     prior_weight: float = 1.0, prior_prompts: Sequence[str] = ()) -> list[str]:
-    """Closed-form fusion of the text-fed layers in `factors`, merged into `pipe` in place, in forward order.
-
-    Each stage (layers fed the same input: a text-encoder layer's q / k / v, its out_proj, ..., then every
-    cross-attention key / value) is solved with the inputs the *fused* model gives it, all earlier stages merged,
-    against the outputs each concept's own model gives at that layer: so what an earlier layer could not reproduce
-    exactly, a later one corrects, instead of each layer's error adding up through the text encoder. Ordinary prompts
-    (`ordinary_prompts` and `prior_prompts`, weighted by `prior_weight`) are held to the base's outputs the same way.
-    Returns the merged layer names. The pipeline must hold the concepts' tokens and no adapters.
-    """
+def record_text_stats(pipe: StableDiffusionPipeline, concepts: Sequence[tuple[Concept, str | None]],
+                      weights: Sequence[float], factors: Mapping[str, Sequence[Factors | None]], *,
+                      prior_weight: float = 1.0, prior_prompts: Sequence[str] = ()) -> dict[str, GradientStats]:
+    """Closed-form fusion statistics of the text-fed layers in `factors`: each concept's own model (the concept
+    live at its weight) encodes `concept_prompts`, the base encodes `ordinary_prompts` and `prior_prompts`.
+    Text-encoder layers' input Grams come from forward hooks, the cross-attention keys' and values' from the final
+    encodings. Each group's Gram is a mean over its tokens (every concept counts alike, whatever its prompt count),
+    the ordinary group's scaled by `prior_weight`. The pipeline must hold the concepts' tokens and no adapters; it is
+    left as it was found."""
+    names = [name for name in factors if is_text_fed(name)]
     modules = adaptable_layers(pipe.unet, pipe.text_encoder)
-    stages = _stages(pipe, [name for name in factors if is_text_fed(name)])
-    pristine = copy.deepcopy(pipe.text_encoder)  # every concept's own model runs on the unmerged text encoder
-    own_pipe = type(pipe)(**{**pipe.components, "text_encoder": pristine}, requires_safety_checker=False)
-    ordinary = sorted(set(ordinary_prompts([c.meta for c, _ in concepts])) | set(prior_prompts))
-    groups: list[tuple[list[str], int | None, float]] = [
-        (concept_prompts(concept.meta), i, 1.0) for i, (concept, _) in enumerate(concepts)]
-    groups.append((ordinary, None, prior_weight))
+    stats: dict[str, GradientStats] = {}
 
-    def own_inputs(stage: list[str], prompts: list[str], index: int | None) -> dict[str, torch.Tensor]:
-        if index is None:  # the base model
-            return _stage_inputs(own_pipe, stage, prompts)
-        concept = concepts[index][0]
-        text_states = {n: s for n, s in concept.layers.items() if n.startswith("text_encoder.")}
-        load_adapter(None, pristine, concept.meta.variant, text_states, name="fusion", scale=weights[index])
+    def accumulate(prompts: list[str], index: int | None, scale: float) -> None:
+        for name, gram in _text_grams(pipe, names, prompts).items():
+            if name not in stats:
+                out_features = weight_matrix(unwrap(modules[name])).shape[0]
+                stats[name] = GradientStats.zeros(out_features, gram.shape[0], gram.device)
+            stats[name].add(scale * gram, None if index is None else factors[name][index])
+
+    for i, ((concept, _), weight) in enumerate(zip(concepts, weights, strict=True)):
+        load_adapter(pipe.unet, pipe.text_encoder, concept.meta.variant, concept.layers, name="fusion", scale=weight)
         try:
-            return _stage_inputs(own_pipe, stage, prompts)
+            accumulate(concept_prompts(concept.meta), i, 1.0)
         finally:
-            remove_adapters(None, pristine)
-
-    for stage in stages:
-        stats: dict[str, GradientStats] = {}
-        for prompts, index, scale in groups:
-            own, fused = own_inputs(stage, prompts, index), _stage_inputs(pipe, stage, prompts)
-            for name in stage:
-                w0 = weight_matrix(unwrap(modules[name])).float()
-                # the own model's output minus what the base weight makes of the fused input
-                residual = (own[name] - fused[name]) @ w0.mT
-                if index is not None and factors[name][index] is not None:
-                    up, down = factors[name][index]
-                    residual += (own[name] @ down.float().mT) @ up.float().mT
-                if name not in stats:
-                    stats[name] = GradientStats.zeros(w0.shape[0], w0.shape[1], w0.device)
-                stats[name].add_pair(fused[name], residual, scale)
-        for name in stage:
-            merge_delta(modules[name], stats[name].solve(ridge))
-    return [name for stage in stages for name in stage]
+            remove_adapters(pipe.unet, pipe.text_encoder)
+    ordinary = sorted(set(ordinary_prompts([c.meta for c, _ in concepts])) | set(prior_prompts))
+    accumulate(ordinary, None, prior_weight)
+    return stats
 
 
-def _stages(pipe: StableDiffusionPipeline, names: Sequence[str]) -> list[list[str]]:
-    """`names` (text-fed layers) grouped into stages in forward order: text-encoder layers fed the very same input
-    tensor (q / k / v of one attention) form one stage; the cross-attention keys / values, fed the final encoding,
-    the last."""
+@torch.no_grad()
+def _text_grams(pipe: StableDiffusionPipeline, names: Sequence[str], prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Per text-fed layer in `names`, the mean over tokens of `x x^T` of its inputs while `pipe` encodes `prompts`
+    exactly as it does when sampling (padded to the full context, tokens expanded)."""
     modules = adaptable_layers(pipe.unet, pipe.text_encoder)
-    calls: list[tuple[str, torch.Tensor]] = []  # the tensors themselves, kept alive so none is mistaken for another
-    handles = [modules[n].register_forward_pre_hook(lambda _m, args, n=n: calls.append((n, args[0])))
-               for n in names if n.startswith("text_encoder.")]
-    try:
-        pipe.encode_prompt([""], pipe.text_encoder.device, 1, False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    stages: list[list[str]] = []
-    last = None
-    for name, source in calls:
-        if source is not last:
-            stages.append([])
-        stages[-1].append(name)
-        last = source
-    unet = [n for n in names if n.startswith("unet.")]
-    return stages + ([unet] if unet else [])
-
-
-def _stage_inputs(pipe: StableDiffusionPipeline, stage: Sequence[str], prompts: list[str]) -> dict[str, torch.Tensor]:
-    """Each stage layer's input rows [tokens, in] (fp32) while `pipe` encodes `prompts` as when sampling (padded to
-    the full context, tokens expanded); a cross-attention key / value's input is the final encoding."""
-    modules = adaptable_layers(pipe.unet, pipe.text_encoder)
-    captured: dict[str, torch.Tensor] = {}
-    handles = [modules[n].register_forward_pre_hook(
-        lambda _m, args, n=n: captured.__setitem__(n, args[0].reshape(-1, args[0].shape[-1]).float()))
-        for n in stage if n.startswith("text_encoder.")]
+    recorder = _GramRecorder({n: modules[n] for n in names if n.startswith("text_encoder.")})
     try:
         hidden = pipe.encode_prompt(prompts, pipe.text_encoder.device, 1, False)[0]
     finally:
-        for handle in handles:
-            handle.remove()
+        recorder.remove()
     rows = hidden.reshape(-1, hidden.shape[-1]).float()
-    return {n: captured.get(n, rows) for n in stage}
+    grams = {name: gram / len(rows) for name, gram in recorder.grams.items()}
+    encoding_gram = rows.mT @ rows / len(rows)
+    grams.update({name: encoding_gram for name in names if name.startswith("unet.")})
+    return grams
 
 
 class _GramRecorder:
