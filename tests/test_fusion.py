@@ -332,6 +332,15 @@ def test_closed_form_keeps_one_concepts_text_encodings_exact_without_prior(tiny_
                           atol=1e-4 * expected.abs().max().item())
 
 
+def test_a_solve_refuses_a_ridge_too_small_for_its_inputs_in_one_line() -> None:
+    """Inputs along one direction of three: without a ridge the weight is not determined (`--ridge 0`)."""
+    stats = GradientStats.zeros(2, 3, torch.device("cpu"))
+    stats.add(torch.diag(torch.tensor([1.0, 0.0, 0.0])), (torch.ones(2, 1), torch.ones(1, 3)))
+    with pytest.raises(SpectralDiffusionError, match=r"span too few directions .* at ridge 0; give a larger --ridge"):
+        stats.solve(0.0)
+    assert torch.allclose(stats.solve(1e-3), torch.tensor([[1.0, 0.0, 0.0]] * 2) / (1 + 1e-3 / 3), atol=1e-6)
+
+
 def test_closed_form_prior_prompts_keep_the_base_mapping(tiny_pipe) -> None:
     concept = random_concept(tiny_pipe, band=0, token="<doga>", seed=4, targets="unet.*.attn2.to_[kv]")
     name = next(iter(concept.layers))

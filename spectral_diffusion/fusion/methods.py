@@ -39,6 +39,7 @@ from spectral_diffusion.adapters.layers import Factors, layer_generator, unwrap
 from spectral_diffusion.adapters.targets import adaptable_layers, is_text_fed
 from spectral_diffusion.bands import weight_matrix
 from spectral_diffusion.concept_file import Concept, ConceptMeta
+from spectral_diffusion.errors import SpectralDiffusionError
 
 METHODS = ("spectral", "closed-form", "mean", "sum", "ties", "dare", "gradient")
 # What the CLI and the app fuse with unless told: the method that kept identity best at every N in the fusion
@@ -114,7 +115,11 @@ class GradientStats:
         if scale <= 0:
             return torch.zeros_like(self.cross)
         s.diagonal().add_(ridge * scale)
-        chol = torch.linalg.cholesky(s)
+        chol, info = torch.linalg.cholesky_ex(s)
+        if info.item():
+            raise SpectralDiffusionError(
+                f"the recorded layer inputs span too few directions to solve for the weight at ridge {ridge:g}; "
+                "give a larger --ridge (default 1e-4)")
         return torch.cholesky_solve(self.cross.double().mT, chol).mT.float()
 
 
