@@ -111,8 +111,9 @@ class TrainConfig:
     locality_weight: float = field(default=0.0, metadata={
         "group": _OPTIMISATION, "help": "keep the text encoder's and the cross-attention keys/values' outputs at the "
                                        "base model's on prompts without the token (its captions with the token "
-                                       "dropped, or replaced by random foreign token vectors), so the concept stays "
-                                       "out of other concepts' way; 0: off"})
+                                       "dropped or replaced by random foreign token vectors, and the empty prompt "
+                                       "of classifier-free guidance), so the concept stays out of other concepts' "
+                                       "way; 0: off"})
     num_vectors: int = field(default=2, metadata={
         "group": _TOKEN, "help": "embedding vectors of the token: <tok>, <tok>_1, ..."})
     emb_norm_cap: float | None = field(default=None, metadata={

@@ -427,7 +427,8 @@ class Trainer:
 
         Three kinds of such prompts: this step's captions with the token dropped (ordinary prompts), the empty
         prompt (the unconditional branch of classifier-free guidance), and the captions with the token's vectors
-        replaced by random ones of the same norms (a foreign token: what another concept puts there once fused). Needs text encodings only, no UNet pass; only the adapters get its gradient.
+        replaced by random ones of the same norms (a foreign token: what another concept puts there once fused).
+        Needs text encodings only, no UNet pass; only the adapters get its gradient.
         """
         token, device = self.config.token, self.accelerator.device
         # the empty prompt is classifier-free guidance's unconditional branch, which every concept of a fused model
