@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from spectral_diffusion.cli import main
-from spectral_diffusion.concept_file import read_meta
+from spectral_diffusion.concept_file import load_concept, read_meta, save_concept
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.toyworld import judge as judge_module
 from spectral_diffusion.toyworld.demo import DemoConfig, run_demo
@@ -90,6 +90,15 @@ def test_demo_writes_grid_images_scores_and_reuses_concepts(tiny_model_dir, tmp_
     err = capsys.readouterr().err
     assert code == 2
     assert err.splitlines()[-1].startswith("error: ") and "steps 1 -> 2" in err and "--overwrite" in err
+
+    concept = load_concept(files["bullseye"])  # a file trained before the empty prompt joined the locality term
+    del concept.meta.training["locality_prompts"]
+    save_concept(files["bullseye"], concept, overwrite=True)
+    code = main(["demo", "--out", str(out), "--base", str(tiny_model_dir), "--device", "cpu", "--steps", "1",
+                 "--seeds", "1", "--concepts", *CONCEPTS])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "locality_prompts None -> ['token dropped', 'empty prompt', 'foreign token']" in err and "--overwrite" in err
 
 
 @pytest.mark.parametrize(("changes", "message"), [

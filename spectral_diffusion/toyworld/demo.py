@@ -52,13 +52,13 @@ from spectral_diffusion.toyworld.scoring import (
     score_regional,
 )
 from spectral_diffusion.training.config import TrainConfig
-from spectral_diffusion.training.trainer import train
+from spectral_diffusion.training.trainer import locality_prompts, train
 
 # Three concepts whose class words differ (fish, house, circle), so the regional pairs are easy to tell apart.
 DEMO_CONCEPTS = ("striped_fish", "red_door_house", "bullseye")
 # Training settings the demo checks before reusing a concept file from an earlier run.
 RECIPE_KEYS = ("variant", "band", "rank", "targets", "steps", "batch_size", "lr_unet", "lr_text", "lr_emb", "seed",
-               "num_vectors", "locality_weight", "base_fingerprint")
+               "num_vectors", "locality_weight", "locality_prompts", "base_fingerprint")
 
 
 @dataclass
@@ -148,7 +148,8 @@ def _reusable(path: Path, config: TrainConfig, band: int, fingerprint: str) -> b
     meta = read_meta(path)
     lr_unet, lr_text, lr_emb = config.learning_rates()
     wanted = {key: getattr(config, key, None) for key in RECIPE_KEYS}
-    wanted.update(band=band, lr_unet=lr_unet, lr_text=lr_text, lr_emb=lr_emb, base_fingerprint=fingerprint)
+    wanted.update(band=band, lr_unet=lr_unet, lr_text=lr_text, lr_emb=lr_emb, base_fingerprint=fingerprint,
+                  locality_prompts=locality_prompts(config))
     found = {key: meta.training.get(key) for key in RECIPE_KEYS}
     if found != wanted:
         changed = ", ".join(f"{k} {found[k]} -> {wanted[k]}" for k in RECIPE_KEYS if found[k] != wanted[k])

@@ -123,6 +123,13 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, fl
     return err.sum((1, 2, 3)) / (weight.sum((1, 2, 3)) * pred.shape[1]).clamp_min(1e-8)
 
 
+def locality_prompts(config: TrainConfig) -> list[str]:
+    """The kinds of prompt the locality term holds at the base's outputs (`Trainer.locality_loss`), as the concept
+    file records them: a concept trained with another term (before the empty prompt was added) is told apart, so
+    the demo and the benchmarks do not reuse it and a checkpoint of it does not resume."""
+    return ["token dropped", "empty prompt", "foreign token"] if config.locality_weight > 0 else []
+
+
 def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """MSE relative to the target's mean square: layers of any scale weigh alike."""
     return F.mse_loss(pred.float(), target.float()) / target.float().square().mean().clamp_min(1e-12)
@@ -329,7 +336,8 @@ class Trainer:
             "grad_accum": c.grad_accum, "resolution": self.resolution, "lr_unet": lr_unet, "lr_text": lr_text,
             "lr_emb": lr_emb, "warmup_steps": self.warmup, "weight_decay": c.weight_decay,
             "max_grad_norm": c.max_grad_norm, "seed": c.seed, "noise_offset": c.noise_offset,
-            "snr_gamma": c.snr_gamma, "locality_weight": c.locality_weight, "num_vectors": c.num_vectors,
+            "snr_gamma": c.snr_gamma, "locality_weight": c.locality_weight,
+            "locality_prompts": locality_prompts(c), "num_vectors": c.num_vectors,
             "emb_norm_cap": self.norm_cap,
             "prior_weight": c.prior_weight if self.prior else 0.0, "mask_floor": c.mask_floor, "flip": c.flip,
             "images": [e.name for e in self.data.examples],
