@@ -123,11 +123,11 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, fl
     return err.sum((1, 2, 3)) / (weight.sum((1, 2, 3)) * pred.shape[1]).clamp_min(1e-8)
 
 
-def locality_prompts(config: TrainConfig) -> list[str]:
-    """The kinds of prompt the locality term holds at the base's outputs (`Trainer.locality_loss`), as the concept
-    file records them: a concept trained with another term (before the empty prompt was added) is told apart, so
-    the demo and the benchmarks do not reuse it and a checkpoint of it does not resume."""
-    return ["token dropped", "empty prompt", "foreign token"] if config.locality_weight > 0 else []
+def locality_prompts(config: TrainConfig) -> list[str] | None:
+    """The kinds of prompt the locality term holds at the base's outputs (`Trainer.locality_loss`; None without
+    the term), as the concept file records them: a concept trained with another term (before the empty prompt was
+    added) is told apart, so the demo and the benchmarks do not reuse it and a checkpoint of it does not resume."""
+    return ["token dropped", "empty prompt", "foreign token"] if config.locality_weight > 0 else None
 
 
 def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
