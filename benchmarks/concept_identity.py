@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shlex
 import sys
 from dataclasses import fields
@@ -31,10 +30,12 @@ from fusion_quality import (
     FULL,
     ROOT,
     Plan,
+    add_run_arguments,
     cached,
     evaluate_single,
     judge_key,
     machine,
+    start_run,
     train_concepts,
 )
 
@@ -78,15 +79,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=FULL.seeds, help="seeds per prompt (default: %(default)s)")
     parser.add_argument("--base", default="toy", help="toy-world base model (default: toy)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "fusion_quality",
-                        help="trained concepts and scores, shared with fusion_quality.py (default: %(default)s)")
     parser.add_argument("--judge", type=Path, default=JUDGE_PATH, help="judge weights (default: the bundled judge)")
-    parser.add_argument("--out", type=Path, default=DOC, help=f"results file (default: {DOC.relative_to(ROOT)})")
-    parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    add_run_arguments(parser, DOC, ROOT / "runs" / "fusion_quality",
+                      "trained concepts and scores, shared with fusion_quality.py")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    os.environ["SPECTRAL_DIFFUSION_CACHE"] = str(args.cache / "cache")  # as fusion_quality.py: its own SVD cache
+    start_run(args)
 
     judge = Judge.load(args.judge)
     base = load_base(args.base, device=args.device, dtype=torch.float32)

@@ -306,6 +306,21 @@ def judge_key(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:8]
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, doc: Path, cache: Path, cache_help: str) -> None:
+    """--cache, --out, --no-write and --threads, as every toy-world benchmark script that writes one table takes them."""
+    parser.add_argument("--cache", type=Path, default=cache, help=f"{cache_help} (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=doc, help=f"results file (default: {doc.relative_to(ROOT)})")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+
+
+def start_run(args: argparse.Namespace) -> None:
+    """Torch threads as asked, and an SVD cache and band registry of the run's own under --cache (a benchmark's
+    concepts must not take bands from the user's)."""
+    torch.set_num_threads(args.threads)
+    os.environ["SPECTRAL_DIFFUSION_CACHE"] = str(args.cache / "cache")
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError, StopIteration):
@@ -392,9 +407,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    # Its own SVD cache and band registry: the benchmark's concepts must not take bands from the user's.
-    os.environ["SPECTRAL_DIFFUSION_CACHE"] = str(args.cache / "cache")
+    start_run(args)
     return run(args)
 
 

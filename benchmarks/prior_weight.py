@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -30,11 +29,13 @@ from fusion_quality import (
     CONCEPTS,
     FULL,
     ROOT,
+    add_run_arguments,
     cached,
     evaluate_single,
     judge_key,
     machine,
     regional_pairs,
+    start_run,
     train_concepts,
 )
 
@@ -70,14 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.1, 0.3, 1.0],
                         help="prior weights to try (default: %(default)s)")
     parser.add_argument("--seeds", type=int, default=FULL.seeds, help="seeds per prompt (default: %(default)s)")
-    parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "fusion_quality",
-                        help="trained concepts and scores, shared with fusion_quality.py (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=DOC, help=f"results file (default: {DOC.relative_to(ROOT)})")
-    parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    add_run_arguments(parser, DOC, ROOT / "runs" / "fusion_quality",
+                      "trained concepts and scores, shared with fusion_quality.py")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    os.environ["SPECTRAL_DIFFUSION_CACHE"] = str(args.cache / "cache")  # as fusion_quality.py: its own SVD cache
+    start_run(args)
 
     judge = Judge.load()
     base = load_base("toy", dtype=torch.float32)
