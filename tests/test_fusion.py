@@ -319,8 +319,8 @@ def test_closed_form_keeps_one_concept_exact_without_prior(tiny_pipe) -> None:
 
 
 def test_closed_form_keeps_one_concepts_text_encodings_exact_without_prior(tiny_pipe, tiny_model_dir) -> None:
-    """Text encoder adapted too: each layer, solved on its merged predecessors' outputs, reproduces the concept's own
-    model, so the fused encodings of its prompt are its own model's."""
+    """Text encoder adapted too: each text-fed layer maps the inputs of the concept's own model as that model does, so
+    layer after layer the fused model's inputs stay the own model's, and so do the encodings of its prompt."""
     concept = random_concept(tiny_pipe, band=0, token="<doga>", seed=4, targets="kv")
     own = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
     add_tokens(own, [concept])
