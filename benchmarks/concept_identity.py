@@ -39,6 +39,7 @@ from fusion_quality import (
     train_concepts,
 )
 
+from spectral_diffusion.atomic import atomic_write
 from spectral_diffusion.fingerprint import base_fingerprint
 from spectral_diffusion.models import load_base
 from spectral_diffusion.toyworld import concepts
@@ -114,8 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     if not args.no_write:
         command = "benchmarks/concept_identity.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(
+        text = (
             f"# Every toy concept, learned alone\n\nMade by `.venv/bin/python {command.strip()}` on "
             f"{datetime.now(timezone.utc):%Y-%m-%d} ({machine()}). Base `{args.base}` (fingerprint {fingerprint}); "
             f"each concept trained by the toy recipe (`toyworld/recipe.py`: additive, {RECIPE.targets}, rank "
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{''.join(f', {k} {v}' for k, v in changes.items())}) and applied live; "
             f"{args.seeds} seeds per prompt, {sampling.steps} DPM++ steps, CFG {sampling.guidance:g}. Fidelity: the "
             f"probability of the dotted background when asked for it.\n\n{table}\n")
+        atomic_write(args.out, lambda tmp: tmp.write_text(text))
         print(f"wrote {args.out}")
 
 

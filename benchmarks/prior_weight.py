@@ -39,6 +39,7 @@ from fusion_quality import (
     train_concepts,
 )
 
+from spectral_diffusion.atomic import atomic_write
 from spectral_diffusion.fingerprint import base_fingerprint
 from spectral_diffusion.fusion import fuse
 from spectral_diffusion.models import load_base
@@ -67,7 +68,8 @@ def ordinary_accuracy(pipe: StableDiffusionPipeline, judge: Judge, sampling: Sam
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--counts", type=int, nargs="+", default=[4, 8], help="numbers of concepts fused (default: %(default)s)")
+    parser.add_argument("--counts", type=int, nargs="+", default=[4, 8], choices=range(2, len(CONCEPTS) + 1),
+                        metavar="N", help="numbers of concepts fused, 2 to 8 (default: %(default)s)")
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.1, 0.3, 1.0],
                         help="prior weights to try (default: %(default)s)")
     parser.add_argument("--seeds", type=int, default=FULL.seeds, help="seeds per prompt (default: %(default)s)")
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     if not args.no_write:
         command = "benchmarks/prior_weight.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-        args.out.write_text(
+        text = (
             f"# Closed-form fusion: the prior weight\n\nMade by `.venv/bin/python {command.strip()}` on "
             f"{datetime.now(timezone.utc):%Y-%m-%d} ({machine()}). Base `toy` (fingerprint {fingerprint}); the "
             f"first N of the fusion benchmark's eight additive concepts, trained by the recipe; fused with closed-form "
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{sampling.steps} DPM++ steps, CFG {sampling.guidance:g}; regional: the benchmark's pairs, latent mode; "
             f"ordinary scenes: 64 captions of random scenes (seed 1000), one image each, all of shape, colour and "
             f"background right.\n\n{table}\n")
+        atomic_write(args.out, lambda tmp: tmp.write_text(text))
         print(f"wrote {args.out}")
 
 
