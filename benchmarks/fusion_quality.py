@@ -58,7 +58,7 @@ from spectral_diffusion.toyworld.judge import JUDGE_PATH, Judge
 from spectral_diffusion.toyworld.recipe import RECIPE
 from spectral_diffusion.toyworld.scoring import Sampling, retention, score_concept, score_regional
 from spectral_diffusion.training.config import TrainConfig
-from spectral_diffusion.training.trainer import locality_prompts, train
+from spectral_diffusion.training.trainer import locality_captions, locality_prompts, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "results" / "fusion_quality.md"
@@ -153,7 +153,12 @@ def _recipe_digest(config: TrainConfig) -> str:
     settings.update(base=base["spec"], base_config=base["config"], allow_pickle=base["allow_pickle"],
                     device=base["device"], dtype=base["dtype"])
     settings["learning_rates"] = config.learning_rates()
-    settings["locality_prompts"] = locality_prompts(config)  # what the trainer's locality term holds
+    # what the trainer's locality term holds: the captions themselves, not their file's path; no key without them,
+    # so concepts cached before the option existed keep their key
+    settings["locality_prompts"] = locality_prompts(config)
+    settings.pop("locality_captions")
+    if locality_captions(config):
+        settings["locality_captions"] = locality_captions(config)
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

@@ -27,13 +27,13 @@ from spectral_diffusion.fusion import (
     fuse,
     merged_delta,
     ordinary_prompts,
-    read_prompts,
     record_gradient_stats,
     record_text_stats,
     save_fused,
     ties_merge,
 )
 from spectral_diffusion.models import load_base
+from spectral_diffusion.prompts import read_prompts
 from spectral_diffusion.testing.tiny_sd import random_concept
 from spectral_diffusion.tokens import token_ids
 
@@ -173,6 +173,9 @@ def test_the_request_is_checked_before_a_base_loads(tmp_path, concepts) -> None:
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
     with pytest.raises(SpectralDiffusionError, match=r"^--prior-prompts .*latin1.txt: cannot read it as UTF-8 text"):
         read_prompts(tmp_path / "latin1.txt")
+    (tmp_path / "blank.txt").write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(SpectralDiffusionError, match=r"^--locality-captions .*blank.txt: the file holds no prompt"):
+        read_prompts(tmp_path / "blank.txt", "--locality-captions")
 
 
 def test_allow_overlap_warns_and_fuses(tiny_pipe, concepts) -> None:

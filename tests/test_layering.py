@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 # Names are relative to the package; a name covers its submodules ("adapters" = the adapters package).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("", "errors", "atomic", "progress"),  # "" is the package root (version, lazy public API)
-    ("bands", "tokenizer", "single_file", "regional"),
+    ("bands", "tokenizer", "single_file", "regional", "prompts"),
     ("svd_cache",),
     ("adapters",),
     ("fingerprint", "models", "concept_file", "sidecar", "tokens", "export", "band_registry"),

@@ -19,6 +19,7 @@ from spectral_diffusion.adapters import adapter_layers
 from spectral_diffusion.cli import main
 from spectral_diffusion.concept_file import load_concept
 from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.fusion import ordinary_prompts
 from spectral_diffusion.training import trainer as trainer_module
 from spectral_diffusion.training.checkpoint import checkpoint_dir
 from spectral_diffusion.training.config import TrainConfig
@@ -293,6 +294,37 @@ def test_locality_loss_starts_at_zero_and_trains_only_the_adapters(tiny_pipe: St
     out = trainer.run()
     assert load_concept(out).meta.training["locality_weight"] == 1.0
     assert load_concept(out).meta.training["captions"]
+
+
+def test_locality_captions_join_the_term_and_the_concept_file(tiny_pipe: StableDiffusionPipeline, photos: Path,
+                                                              tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`--locality-captions`: each step draws as many ordinary captions as it has captions (seeded), the concept
+    file records them, and closed-form fusion keeps them at the base's mapping."""
+    pool = tmp_path / "captions.txt"
+    pool.write_text("a cat on the sea\n\na photo of <doga> dog\na red car\n", encoding="utf-8")
+    config = _config(photos, tmp_path / "dogA.safetensors", tiny_model_dir, targets="kv", locality_weight=1.0,
+                     locality_captions=pool)
+    trainer = Trainer(config, pipe=tiny_pipe)
+    assert trainer.locality_captions == ["a cat on the sea", "a photo of dog", "a red car"]  # the token dropped
+    encoded: list[str] = []
+    encode = trainer._encode_captions
+    trainer._encode_captions = lambda texts: encoded.extend(texts) or encode(texts)
+    captions = ["a photo of <doga> dog", "<doga> dog in the snow"]
+    trainer.locality_loss(captions, torch.Generator().manual_seed(0))
+    drawn = torch.randint(3, (2,), generator=torch.Generator().manual_seed(0)).tolist()
+    assert encoded == ["a photo of dog", "dog in the snow", "", *[trainer.locality_captions[i] for i in drawn],
+                       *captions]
+    meta = load_concept(trainer.run()).meta
+    assert meta.training["locality_captions"] == ["a cat on the sea", "a photo of dog", "a red car"]
+    assert meta.training["locality_prompts"][-1] == "ordinary captions"
+    assert {"a cat on the sea", "a red car"} <= set(ordinary_prompts([meta]))
+    other = tmp_path / "other.txt"
+    for text, message in ((None, "cannot read it as UTF-8 text"), (" \n", "the file holds no prompt")):
+        if text is not None:
+            other.write_text(text)
+        with pytest.raises(SpectralDiffusionError, match=f"^--locality-captions .*other.txt: {message}"):
+            _config(photos, tmp_path / "catA.safetensors", tiny_model_dir, locality_weight=1.0,
+                    locality_captions=other).check()
 
 
 def test_files_beside_the_output_and_unwritable_folders_are_refused_before_loading(photos: Path, tmp_path: Path,

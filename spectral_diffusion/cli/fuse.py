@@ -17,10 +17,10 @@ from spectral_diffusion.fusion import (
     check_output,
     check_request,
     fuse,
-    read_prompts,
     save_fused,
 )
 from spectral_diffusion.models import BaseSpec
+from spectral_diffusion.prompts import read_prompts
 
 EPILOG = """\
 methods: closed-form (default) solves, per text-fed layer (cross-attention keys / values, text encoder), the weight

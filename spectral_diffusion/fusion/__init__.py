@@ -21,7 +21,6 @@ from spectral_diffusion.fusion.fusing import (
     check_request,
     fuse,
     load_concepts,
-    read_prompts,
     weights_for,
 )
 from spectral_diffusion.fusion.methods import (
@@ -77,7 +76,6 @@ __all__ = [
     "merged_delta",
     "ordinary_prompts",
     "read_fusion_json",
-    "read_prompts",
     "record_gradient_stats",
     "record_prompts",
     "record_text_stats",

@@ -240,15 +240,6 @@ def weights_for(count: int, weights: Sequence[float] | None) -> list[float]:
     return [float(w) for w in weights]
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """The non-empty lines of a UTF-8 text file, stripped: closed-form fusion's `prior_prompts` from a file."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpectralDiffusionError(f"--prior-prompts {path}: cannot read it as UTF-8 text ({exc})") from None
-    return [line.strip() for line in lines if line.strip()]
-
-
 def _weighted_factors(concepts: Sequence[tuple[Concept, str | None]], weights: Sequence[float], scale: float,
                       modules: Mapping[str, nn.Module]) -> dict[str, list[Factors | None]]:
     """Per layer, each concept's `(w_i * scale * up, down)` on the layer's device, or None where it has no delta."""

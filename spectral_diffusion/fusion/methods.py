@@ -13,9 +13,9 @@ Baselines, for the quality benchmark (they accept every adapter variant):
   layer whose input is the prompt's encoding alone (text encoder, cross-attention keys / values) it solves
   `min_W sum_i ||W X_i - (W0 + w_i dW_i) X_i||^2 + p ||W X_0 - W0 X_0||^2`, with `X_i` that layer's inputs while
   concept `i`'s own model encodes its prompts (its training captions and templates) and `X_0` the base's inputs for
-  ordinary prompts (the empty prompt, the class words, the captions without their tokens). Each concept then keeps
-  its own mapping of its own token, other concepts' deltas are cancelled on it, and ordinary prompts map as in the
-  base. Text encodings only (no image is sampled): seconds. Other layers get the exact sum.
+  ordinary prompts (the empty prompt, the class words, the captions without their tokens, the captions the concepts'
+  locality terms held). Each concept then keeps its own mapping of its own token, other concepts' deltas are
+  cancelled on it, and ordinary prompts map as in the base. Text encodings only (no image is sampled): seconds. Other layers get the exact sum.
 - `gradient`: Mix-of-Show's gradient fusion `min_W sum_i ||W X_i - (W0 + w_i dW_i) X_i||^2`, with `X_i` the layer
   inputs recorded while concept `i`'s model encodes and samples its prompts. Solved per layer in closed form from
   Gram matrices accumulated by forward hooks (no activation is stored), with a small ridge towards `W0`:
@@ -191,9 +191,11 @@ def concept_prompts(meta: ConceptMeta) -> list[str]:
 
 def ordinary_prompts(metas: Sequence[ConceptMeta]) -> list[str]:
     """Prompts whose encoding the fused model must map as the base does: the empty prompt (classifier-free
-    guidance reads it), each class word in templates, and every concept's captions without its token."""
+    guidance reads it), each class word in templates, every concept's captions without its token, and the ordinary
+    captions its training's locality term held (`train --locality-captions`)."""
     prompts = {t.format(m.class_word).strip() for m in metas for t in ORDINARY_TEMPLATES}
     prompts |= {" ".join(c.replace(m.token, " ").split()) for m in metas for c in m.training.get("captions", [])}
+    prompts |= {c for m in metas for c in m.training.get("locality_captions", [])}
     return sorted(prompts)
 
 

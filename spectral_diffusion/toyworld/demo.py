@@ -52,13 +52,13 @@ from spectral_diffusion.toyworld.scoring import (
     score_regional,
 )
 from spectral_diffusion.training.config import TrainConfig
-from spectral_diffusion.training.trainer import locality_prompts, train
+from spectral_diffusion.training.trainer import locality_captions, locality_prompts, train
 
 # Three concepts whose class words differ (fish, house, circle), so the regional pairs are easy to tell apart.
 DEMO_CONCEPTS = ("striped_fish", "red_door_house", "bullseye")
 # Training settings the demo checks before reusing a concept file from an earlier run.
 RECIPE_KEYS = ("variant", "band", "rank", "targets", "steps", "batch_size", "lr_unet", "lr_text", "lr_emb", "seed",
-               "num_vectors", "locality_weight", "locality_prompts", "base_fingerprint")
+               "num_vectors", "locality_weight", "locality_prompts", "locality_captions", "base_fingerprint")
 
 
 @dataclass
@@ -141,6 +141,11 @@ def write_photos(names: Sequence[str], root: Path) -> dict[str, Path]:
     return folders
 
 
+def _short(value: object) -> object:
+    """A setting as the refusal names it: a list of captions by its length."""
+    return f"{len(value)} captions" if isinstance(value, list) and len(value) > 4 else value
+
+
 def _reusable(path: Path, config: TrainConfig, band: int, fingerprint: str) -> bool:
     """True if `path` holds this concept trained with the same recipe; refuses one trained otherwise."""
     if not path.is_file() or config.overwrite:
@@ -149,10 +154,11 @@ def _reusable(path: Path, config: TrainConfig, band: int, fingerprint: str) -> b
     lr_unet, lr_text, lr_emb = config.learning_rates()
     wanted = {key: getattr(config, key, None) for key in RECIPE_KEYS}
     wanted.update(band=band, lr_unet=lr_unet, lr_text=lr_text, lr_emb=lr_emb, base_fingerprint=fingerprint,
-                  locality_prompts=locality_prompts(config))
+                  locality_prompts=locality_prompts(config), locality_captions=locality_captions(config))
     found = {key: meta.training.get(key) for key in RECIPE_KEYS}
     if found != wanted:
-        changed = ", ".join(f"{k} {found[k]} -> {wanted[k]}" for k in RECIPE_KEYS if found[k] != wanted[k])
+        changed = ", ".join(f"{k} {_short(found[k])} -> {_short(wanted[k])}" for k in RECIPE_KEYS
+                            if found[k] != wanted[k])
         raise SpectralDiffusionError(f"{path} was trained with other settings ({changed}); pass --overwrite to retrain")
     return True
 

@@ -12,6 +12,7 @@ from spectral_diffusion.atomic import check_writable
 from spectral_diffusion.concept_file import canonical_token
 from spectral_diffusion.errors import SpectralDiffusionError, check_number
 from spectral_diffusion.models import BaseSpec, training_defaults
+from spectral_diffusion.prompts import read_prompts
 from spectral_diffusion.sidecar import sidecar_path
 from spectral_diffusion.training.checkpoint import checkpoint_dir
 
@@ -114,6 +115,12 @@ class TrainConfig:
                                        "dropped or replaced by random foreign token vectors, and the empty prompt "
                                        "of classifier-free guidance), so the concept stays out of other concepts' "
                                        "way; 0: off"})
+    locality_captions: str | Path | None = field(default=None, metadata={
+        "group": _OPTIMISATION, "metavar": "FILE", "default_help": "none",
+        "help": "a text file of ordinary captions of the base model's domain, one per line (the kind of file "
+                "`fuse --prior-prompts` takes): the locality term also holds --batch-size of them, drawn at random, "
+                "at the base model's outputs every step, so the concept leaves prompts unlike its own captions alone "
+                "too, and closed-form fusion keeps them mapped as the base does; used with --locality-weight > 0"})
     num_vectors: int = field(default=2, metadata={
         "group": _TOKEN, "help": "embedding vectors of the token: <tok>, <tok>_1, ..."})
     emb_norm_cap: float | None = field(default=None, metadata={
@@ -170,6 +177,8 @@ class TrainConfig:
             if beside.exists() and not self.overwrite and not self.resume:
                 raise SpectralDiffusionError(
                     f"{beside} already exists (the trainer writes it beside {out.name}); pass --overwrite to replace it")
+        if self.locality_captions is not None:
+            read_prompts(self.locality_captions, "--locality-captions")
         folders = {"photo folder": self.photo_dir, "--prior-dir": self.prior_dir, "--concepts-dir": self.concepts_dir}
         for what, folder in folders.items():
             if folder is not None and not Path(folder).is_dir():

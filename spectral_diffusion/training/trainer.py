@@ -54,6 +54,7 @@ from spectral_diffusion.fingerprint import base_fingerprint
 from spectral_diffusion.generation import GenerationSettings, generate, native_size, save_png
 from spectral_diffusion.models import DTYPES
 from spectral_diffusion.progress import StepProgress
+from spectral_diffusion.prompts import read_prompts
 from spectral_diffusion.sidecar import write_sidecar
 from spectral_diffusion.tokens import (
     ConceptEmbeddings,
@@ -127,7 +128,18 @@ def locality_prompts(config: TrainConfig) -> list[str] | None:
     """The kinds of prompt the locality term holds at the base's outputs (`Trainer.locality_loss`; None without
     the term), as the concept file records them: a concept trained with another term (before the empty prompt was
     added) is told apart, so the demo and the benchmarks do not reuse it and a checkpoint of it does not resume."""
-    return ["token dropped", "empty prompt", "foreign token"] if config.locality_weight > 0 else None
+    if config.locality_weight <= 0:
+        return None
+    return ["token dropped", "empty prompt", "foreign token"] + (["ordinary captions"] if config.locality_captions else [])
+
+
+def locality_captions(config: TrainConfig) -> list[str]:
+    """The ordinary captions the locality term draws from (`--locality-captions`, the concept's token dropped where
+    a line holds it); recorded in the concept file, whose closed-form fusion then keeps them at the base's mapping."""
+    if config.locality_weight <= 0 or config.locality_captions is None:
+        return []
+    captions = read_prompts(config.locality_captions, "--locality-captions")
+    return [" ".join(c.replace(config.token, " ").split()) for c in captions]
 
 
 def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -198,6 +210,7 @@ class Trainer:
                  on_step: Callable[[StepInfo], None] | None = None):
         config.check()
         self.config = config
+        self.locality_captions = locality_captions(config)
         self.on_step = on_step
         self.out = Path(config.out)
         self.ckpt_dir = checkpoint_dir(self.out)
@@ -337,7 +350,8 @@ class Trainer:
             "lr_emb": lr_emb, "warmup_steps": self.warmup, "weight_decay": c.weight_decay,
             "max_grad_norm": c.max_grad_norm, "seed": c.seed, "noise_offset": c.noise_offset,
             "snr_gamma": c.snr_gamma, "locality_weight": c.locality_weight,
-            "locality_prompts": locality_prompts(c), "num_vectors": c.num_vectors,
+            "locality_prompts": locality_prompts(c), "locality_captions": self.locality_captions,
+            "num_vectors": c.num_vectors,
             "emb_norm_cap": self.norm_cap,
             "prior_weight": c.prior_weight if self.prior else 0.0, "mask_floor": c.mask_floor, "flip": c.flip,
             "images": [e.name for e in self.data.examples],
@@ -433,15 +447,21 @@ class Trainer:
         """Text-side interference control: on prompts that do not carry this concept's token, the adapted text
         encoder and cross-attention keys/values give the base model's outputs (relative MSE, averaged over them).
 
-        Three kinds of such prompts: this step's captions with the token dropped (ordinary prompts), the empty
-        prompt (the unconditional branch of classifier-free guidance), and the captions with the token's vectors
-        replaced by random ones of the same norms (a foreign token: what another concept puts there once fused).
-        Needs text encodings only, no UNet pass; only the adapters get its gradient.
+        Four kinds of such prompts: this step's captions with the token dropped, the empty prompt (the
+        unconditional branch of classifier-free guidance), as many ordinary captions of the base's domain drawn
+        at random (`--locality-captions`, where given: without them the term sees only prompts shaped like the
+        concept's own, and the concept may move every other caption, which closed-form fusion must then undo), and
+        the captions with the token's vectors replaced by random ones of the same norms (a foreign token: what
+        another concept puts there once fused). Needs text encodings only, no UNet pass; only the adapters get its
+        gradient.
         """
         token, device = self.config.token, self.accelerator.device
         # the empty prompt is classifier-free guidance's unconditional branch, which every concept of a fused model
         # shares: a concept that moves it pulls every other concept's images with it
         ordinary = [" ".join(c.replace(token, " ").split()) for c in captions] + [""]
+        if self.locality_captions:
+            drawn = torch.randint(len(self.locality_captions), (len(captions),), generator=generator)
+            ordinary += [self.locality_captions[i] for i in drawn.tolist()]
         ids = self._encode_captions(ordinary + captions).to(device)
         rows = self.embeddings.rows.detach()
         foreign = torch.randn(rows.shape, generator=generator).to(rows)
