@@ -64,14 +64,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r = sub.add_parser("recipe", help="print the toy concept recipe as `train` flags (or its fusion method)",
                        description="The settings the demo, the benchmarks and pipelines/ train toy concepts with "
                                    "(spectral_diffusion/toyworld/recipe.py), as flags to paste after "
-                                   "`spectral-diffusion train PHOTOS --token T --class-word W --out F`.")
+                                   "`spectral-diffusion train PHOTOS --token T --class-word W --out F`, with "
+                                   "`--locality-captions FILE`, FILE holding the captions of `toyworld captions`.")
     r.add_argument("--variant", default="additive", help="adapter kind whose learning rates to print (default: %(default)s)")
     r.add_argument("--fusion", action="store_true",
                    help="print the recipe's `fuse` flags instead (closed-form: use with the captions of `toyworld "
                         "captions` as --prior-prompts)")
     r.set_defaults(func=_recipe)
 
-    k = sub.add_parser("captions", help="print captions of ordinary scenes, one per line (closed-form fusion's prior)")
+    k = sub.add_parser("captions", help="print captions of ordinary scenes, one per line (the locality term's "
+                                        "--locality-captions and closed-form fusion's --prior-prompts)")
     k.add_argument("--num", type=int, default=64, help="how many (default: %(default)s)")
     k.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     k.set_defaults(func=_captions)
