@@ -1,13 +1,13 @@
 """What keeps ordinary prompts mapped as the base maps them, and what it costs identity: the ordinary captions of the
 locality term in training (`--locality-captions`) and closed-form fusion's prior weight.
 
-    .venv/bin/python benchmarks/ordinary_prompts.py [--trainings recipe no-captions] [--counts N ...]
+    .venv/bin/python benchmarks/ordinary_prompts.py [--trainings recipe locality-captions] [--counts N ...]
         [--weights W ...] [--seeds K] [--cache DIR] [--out FILE]
 
-The first N of the fusion benchmark's eight additive concepts, trained by the recipe (the same cache) or by the
-recipe without the locality term's ordinary captions (`no-captions`: the term holds only the concept's captions
-without its token, the empty prompt and foreign tokens), are fused with the recipe's method and prior captions, once
-per prior weight. Each run scores every fused concept's identity and prompt fidelity, the fused model's regional
+The first N of the fusion benchmark's eight additive concepts, trained by the recipe (the same cache; its locality
+term holds the concept's captions without its token, the empty prompt and foreign tokens) or by the recipe with the
+prior's ordinary captions held too (`locality-captions`, written to the cache as a file), are fused with the
+recipe's method and prior captions, once per prior weight. Each run scores every fused concept's identity and prompt fidelity, the fused model's regional
 pairs (latent mode), as `fusion_quality.py` does, and what both controls are for: how well the fused model still
 draws 64 ordinary scenes (shape, colour and background all right, read by the judge; scenes other than the prior's
 captions). Each concept's prompts pull the merge away from the base wherever its own model also moved the parts of a
@@ -52,8 +52,7 @@ from spectral_diffusion.toyworld.recipe import RECIPE
 from spectral_diffusion.toyworld.scoring import Sampling, retention, score_concept, score_regional
 
 DOC = ROOT / "docs" / "results" / "ordinary_prompts.md"
-# How each arm trains its concepts: changes to the recipe's TrainConfig fields
-TRAININGS = {"recipe": {}, "no-captions": {"locality_captions": None}}
+TRAININGS = ("recipe", "locality-captions")  # how each arm trains its concepts
 
 
 def evaluate(base: StableDiffusionPipeline, judge: Judge, names: Sequence[str], paths: Sequence[Path], weight: float,
@@ -73,9 +72,9 @@ def ordinary_accuracy(pipe: StableDiffusionPipeline, judge: Judge, sampling: Sam
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trainings", nargs="+", choices=list(TRAININGS), default=list(TRAININGS),
-                        help="how the concepts are trained: the recipe, or without the locality term's ordinary "
-                             "captions (default: both)")
+    parser.add_argument("--trainings", nargs="+", choices=TRAININGS, default=list(TRAININGS),
+                        help="how the concepts are trained: the recipe, or the recipe with the prior's ordinary "
+                             "captions also held by the locality term (default: both)")
     parser.add_argument("--counts", type=int, nargs="+", default=[8], choices=range(2, len(CONCEPTS) + 1),
                         metavar="N", help="numbers of concepts fused, 2 to 8 (default: %(default)s)")
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0],
@@ -98,9 +97,12 @@ def main(argv: list[str] | None = None) -> None:
              f"| – | – | unfused base | – | – | – | – | – | {base_ordinary['all']:.2f} |"]
     concept_lines = ["| concepts trained | N | prior weight | " + " | ".join(f"`{name}`" for name in CONCEPTS) + " |",
                      "|" + " --- |" * (len(CONCEPTS) + 3)]
+    captions = args.cache / "ordinary_captions.txt"  # the prior's captions, for the locality term to hold too
+    atomic_write(captions, lambda tmp: tmp.write_text("\n".join(RECIPE.fuse_options()["prior_prompts"]) + "\n"))
     for training in args.trainings:
+        changes = {"locality_captions": captions} if training == "locality-captions" else {}
         paths = train_concepts(args.cache, CONCEPTS, "additive", RECIPE.rank, plan, "toy", fingerprint, None,
-                               changes=TRAININGS[training])
+                               changes=changes)
         suffix = "" if training == "recipe" else f"-{training}"  # the recipe's scores are fusion_quality.py's
         single = cached(results / f"single-additive-r{RECIPE.rank}{suffix}.json", evaluate_single, base, judge,
                         CONCEPTS, paths, sampling)["concepts"]
@@ -130,9 +132,9 @@ def main(argv: list[str] | None = None) -> None:
             f"# Ordinary prompts: the locality term's captions and closed-form fusion's prior weight\n\nMade by "
             f"`.venv/bin/python {command.strip()}` on {datetime.now(timezone.utc):%Y-%m-%d} ({machine()}). Base "
             f"`toy` (fingerprint {fingerprint}); the first N of the fusion benchmark's eight additive concepts, "
-            f"trained by the recipe (`recipe`: the locality term draws from the base's {RECIPE.prior_captions} "
-            f"ordinary captions) or by the recipe without those captions (`no-captions`); fused with closed-form and "
-            f"the same {RECIPE.prior_captions} captions as the prior, at each prior weight; {args.seeds} seeds, "
+            f"trained by the recipe (`recipe`) or by the recipe with `--locality-captions` holding the prior's "
+            f"{RECIPE.prior_captions} ordinary captions (`locality-captions`); fused with closed-form and those "
+            f"{RECIPE.prior_captions} captions as the prior, at each prior weight; {args.seeds} seeds, "
             f"{sampling.steps} DPM++ steps, CFG {sampling.guidance:g}; regional: the benchmark's pairs, latent mode; "
             f"ordinary scenes: 64 captions of random scenes (seed 1000), one image each, all of shape, colour and "
             f"background right.\n\n{table}\n")

@@ -11,8 +11,8 @@ set -euo pipefail
 OUT=${1:-toy-three-concepts}
 BASE=${BASE:-toy}
 SD=${SD:-spectral-diffusion}
-# The toy recipe (spectral_diffusion/toyworld/recipe.py) as train flags, its fuse flags, and the world's ordinary
-# captions, which the locality term holds in training and closed-form fusion keeps mapped as the base does.
+# The toy recipe (spectral_diffusion/toyworld/recipe.py) as train flags, its fuse flags, and the ordinary captions
+# that closed-form fusion keeps mapped as the base does.
 read -r -a RECIPE <<<"$("$SD" toyworld recipe)"
 read -r -a FUSION <<<"$("$SD" toyworld recipe --fusion)"
 PHOTOS="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/concepts/toyworld"
@@ -25,7 +25,7 @@ for entry in "${CONCEPTS[@]}"; do
   if [[ ! -f "$OUT/$name.safetensors" ]]; then
     # --concepts-dir: --band auto also avoids the bands of the concept files already in OUT.
     "$SD" train "$PHOTOS/$name" --token "<$name>" --class-word "$class" --out "$OUT/$name.safetensors" \
-      --base "$BASE" --band auto "${RECIPE[@]}" --locality-captions "$OUT/captions.txt" --checkpoint-every 0 --preview-images 0 --concepts-dir "$OUT"
+      --base "$BASE" --band auto "${RECIPE[@]}" --checkpoint-every 0 --preview-images 0 --concepts-dir "$OUT"
   fi
 done
 

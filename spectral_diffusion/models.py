@@ -56,8 +56,8 @@ def training_defaults(spec: str) -> dict[str, object]:
 
     Why a file beside the weights: the recipe belongs to the model it was tuned on, it travels with the folder
     (copied, packaged or passed by path), and reading it needs no code of what built the model, so the product keeps
-    off the toy world (the bundled toy base's file is `toyworld.recipe.RECIPE.training_defaults()`, and a test keeps
-    the two equal). `TrainConfig` refuses unknown keys, so a stale file fails loudly. A file it names
+    off the toy world (the bundled toy base's file is `toyworld.recipe.RECIPE.settings("additive")` plus no flips,
+    and a test keeps the two equal). `TrainConfig` refuses unknown keys, so a stale file fails loudly. A file it names
     (`locality_captions`: captions of the base's domain) is read relative to the folder.
     """
     builtin = BUILTIN_BASES.get(spec)

@@ -92,14 +92,15 @@ def test_demo_writes_grid_images_scores_and_reuses_concepts(tiny_model_dir, tmp_
     assert err.splitlines()[-1].startswith("error: ") and "steps 1 -> 2" in err and "--overwrite" in err
 
     concept = load_concept(files["bullseye"])  # a file trained before the empty prompt joined the locality term
-    del concept.meta.training["locality_prompts"], concept.meta.training["locality_captions"]
+    del concept.meta.training["locality_prompts"]
+    concept.meta.training["locality_captions"] = [f"a caption {i}" for i in range(64)]  # and with --locality-captions
     save_concept(files["bullseye"], concept, overwrite=True)
     code = main(["demo", "--out", str(out), "--base", str(tiny_model_dir), "--device", "cpu", "--steps", "1",
                  "--seeds", "1", "--concepts", *CONCEPTS])
     err = capsys.readouterr().err
     assert code == 2
-    assert ("locality_prompts None -> ['token dropped', 'empty prompt', 'foreign token', 'ordinary captions']" in err
-            and "locality_captions None -> 64 captions" in err and "--overwrite" in err)
+    assert ("locality_prompts None -> ['token dropped', 'empty prompt', 'foreign token']" in err
+            and "locality_captions 64 captions -> []" in err and "--overwrite" in err)
 
 
 @pytest.mark.parametrize(("changes", "message"), [

@@ -206,18 +206,12 @@ def test_shipped_tokenizer_is_clips():
 
 
 def test_the_toy_bases_training_defaults_are_the_toy_recipe():
-    """The bundled base's `training_defaults.json` and ordinary captions are the toy world's recipe (the product
-    reads the files, never the toy world's code); `toyworld pretrain` writes them, or rewrite them with
-    `RECIPE.write_model_files`. The captions file is named relative to the folder and read from it."""
-    from spectral_diffusion.toyworld.recipe import RECIPE, ordinary_captions
+    """The bundled base's `training_defaults.json` is the toy world's recipe (the product reads the file, never the
+    toy world's code); `toyworld pretrain` writes it, or rewrite it from `RECIPE.training_defaults()`."""
+    from spectral_diffusion.toyworld.recipe import RECIPE
 
-    folder = models.BUILTIN_BASES["toy"].folder
-    assert RECIPE.training_defaults() == {**RECIPE.settings("additive"), "flip": False,
-                                          "locality_captions": "ordinary_captions.txt"}
-    assert models.training_defaults("toy") == {**RECIPE.training_defaults(),
-                                               "locality_captions": str(folder / "ordinary_captions.txt")}
-    captions = (folder / "ordinary_captions.txt").read_text().splitlines()
-    assert captions == ordinary_captions(RECIPE.prior_captions) == RECIPE.fuse_options()["prior_prompts"]
+    assert RECIPE.training_defaults() == {**RECIPE.settings("additive"), "flip": False}
+    assert models.training_defaults("toy") == RECIPE.training_defaults()
 
 
 def test_training_defaults_come_from_the_base_folder(tmp_path, tiny_model_dir):
@@ -231,6 +225,9 @@ def test_training_defaults_come_from_the_base_folder(tmp_path, tiny_model_dir):
     (folder / models.TRAINING_DEFAULTS_FILE).write_text(json.dumps({"steps": 12, "rank": 2}))
     recipe = recipe_for(str(folder))
     assert (recipe["steps"], recipe["rank"], recipe["lr_emb"]) == (12, 2, TrainConfig.lr_emb)
+    # a captions file the folder names is read from the folder, wherever the command runs
+    (folder / models.TRAINING_DEFAULTS_FILE).write_text(json.dumps({"locality_captions": "captions.txt"}))
+    assert recipe_for(str(folder))["locality_captions"] == str(folder / "captions.txt")
     (folder / models.TRAINING_DEFAULTS_FILE).write_text(json.dumps({"steps": 12, "out": "elsewhere"}))
     with pytest.raises(SpectralDiffusionError, match="unknown settings: out"):
         recipe_for(str(folder))

@@ -80,7 +80,6 @@ def test_readme_python_api_runs_on_the_tiny_model(tiny_model_dir, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SPECTRAL_DIFFUSION_CACHE", str(tmp_path / "cache"))
     (tmp_path / "concepts").symlink_to(ROOT / "concepts")
-    (tmp_path / "spectral_diffusion").symlink_to(ROOT / "spectral_diffusion")  # the toy model's captions file
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert capsys.readouterr().out.startswith("(16, 16) a photo of <fisha> fish\nSteps: 20, ")

@@ -24,7 +24,7 @@ from spectral_diffusion.toyworld import concepts, model, render
 from spectral_diffusion.toyworld.evaluate import evaluate_base
 from spectral_diffusion.toyworld.judge import JUDGE_PATH, Judge
 from spectral_diffusion.toyworld.pretrain import PretrainConfig, lr_factor, pretrain, scene_dataset
-from spectral_diffusion.toyworld.recipe import RECIPE, ordinary_captions
+from spectral_diffusion.toyworld.recipe import RECIPE
 
 REPO = Path(__file__).resolve().parents[1]
 CONCEPT_ROOT = REPO / "concepts" / "toyworld"
@@ -225,9 +225,7 @@ def test_pretrain_plumbing_exports_a_loadable_fp16_pipeline(tmp_path):
     with safe_open(tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors", "pt") as f:
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
     assert "latent scaling factor" in (tmp_path / "run" / "log.txt").read_text()
-    defaults = training_defaults(str(tmp_path / "model"))  # the app's recipe, its captions file beside it
-    assert defaults == {**RECIPE.training_defaults(), "locality_captions": str(tmp_path / "model" / RECIPE.captions_file)}
-    assert Path(defaults["locality_captions"]).read_text().splitlines() == ordinary_captions(RECIPE.prior_captions)
+    assert training_defaults(str(tmp_path / "model")) == RECIPE.training_defaults()  # the app's recipe
     with pytest.raises(SpectralDiffusionError, match="already holds checkpoints: pass --resume"):
         pretrain(cfg)
     cfg.resume = True

@@ -64,8 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r = sub.add_parser("recipe", help="print the toy concept recipe as `train` flags (or its fusion method)",
                        description="The settings the demo, the benchmarks and pipelines/ train toy concepts with "
                                    "(spectral_diffusion/toyworld/recipe.py), as flags to paste after "
-                                   "`spectral-diffusion train PHOTOS --token T --class-word W --out F`, with "
-                                   "`--locality-captions FILE`, FILE holding the captions of `toyworld captions`.")
+                                   "`spectral-diffusion train PHOTOS --token T --class-word W --out F`.")
     r.add_argument("--variant", default="additive", help="adapter kind whose learning rates to print (default: %(default)s)")
     r.add_argument("--fusion", action="store_true",
                    help="print the recipe's `fuse` flags instead (closed-form: use with the captions of `toyworld "

@@ -43,6 +43,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from spectral_diffusion.atomic import atomic_directory, atomic_write
 from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.models import TRAINING_DEFAULTS_FILE
 from spectral_diffusion.tokenizer import build_clip_tokenizer
 from spectral_diffusion.toyworld import concepts, render
 from spectral_diffusion.toyworld import model as toy_model
@@ -387,14 +388,13 @@ def export_pipeline(pipe: StableDiffusionPipeline, out_dir: Path) -> None:
     """Write `pipe` as a diffusers folder, replacing `out_dir` only once fully written. The UNet and VAE are stored in
     fp16 (diffusers loads them in fp32 unless asked otherwise); the text encoder in fp32, since transformers loads it
     in its stored dtype, and an fp16 text encoder beside an fp32 UNet fails in plain `from_pretrained` on a CPU.
-    The concept recipe goes beside the weights (`training_defaults.json`, which the app trains with, and the
-    ordinary captions it names)."""
+    The concept recipe goes beside the weights (`training_defaults.json`, which the app trains with)."""
 
     export = copy.deepcopy(pipe).to(torch.float16)
     export.text_encoder.to(torch.float32)
     with atomic_directory(out_dir) as tmp:
         export.save_pretrained(tmp, safe_serialization=True)
-        RECIPE.write_model_files(Path(tmp))
+        (Path(tmp) / TRAINING_DEFAULTS_FILE).write_text(json.dumps(RECIPE.training_defaults(), indent=2) + "\n")
 
 
 def pretrain(cfg: PretrainConfig) -> Path:

@@ -16,13 +16,11 @@ API:
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from spectral_diffusion.errors import SpectralDiffusionError
-from spectral_diffusion.models import BUILTIN_BASES, TRAINING_DEFAULTS_FILE
 from spectral_diffusion.toyworld import concepts, render
 from spectral_diffusion.toyworld.scoring import concept_token
 from spectral_diffusion.training.checkpoint import checkpoint_dir
@@ -46,9 +44,6 @@ class Recipe:
     fusion: str = "closed-form"
     prior_weight: float = 1.0  # closed-form fusion: weight of the ordinary captions (`ordinary_captions`)
     prior_captions: int = 64
-    # `ordinary_captions(prior_captions)` beside the bundled model's weights: what the locality term draws from
-    # (`--locality-captions`) and closed-form fusion's prior
-    captions_file: str = "ordinary_captions.txt"
 
     def settings(self, variant: str = "additive") -> dict[str, object]:
         """The recipe's `TrainConfig` fields for an adapter kind (one source for `train_config` and `cli_flags`)."""
@@ -61,13 +56,8 @@ class Recipe:
 
     def training_defaults(self) -> dict[str, object]:
         """What the bundled base's `training_defaults.json` holds (`models.training_defaults`; the app trains with
-        it): the additive recipe, without flips, and the captions file beside it."""
-        return {**self.settings("additive"), "flip": False, "locality_captions": self.captions_file}
-
-    def write_model_files(self, folder: Path) -> None:
-        """The recipe's files in a toy model's folder: `training_defaults.json` and the ordinary captions."""
-        (folder / TRAINING_DEFAULTS_FILE).write_text(json.dumps(self.training_defaults(), indent=2) + "\n")
-        (folder / self.captions_file).write_text("\n".join(ordinary_captions(self.prior_captions)) + "\n")
+        it): the additive recipe, without flips."""
+        return {**self.settings("additive"), "flip": False}
 
     def train_config(self, name: str, photo_dir: str | Path, out: str | Path, *, band: int | str = 0,
                      variant: str = "additive", base: str = "toy", device: str | None = None, seed: int = 0,
@@ -75,8 +65,7 @@ class Recipe:
         """Concept `name` trained by this recipe: no flips (the concepts are not mirror-symmetric), no checkpoints
         on schedule and no preview (the caller samples); an interrupted run resumes from its Ctrl-C checkpoint.
         `changes` override TrainConfig fields (a sweep's row)."""
-        settings = {**self.settings(variant), "band": band,
-                    "locality_captions": BUILTIN_BASES["toy"].folder / self.captions_file, **changes}
+        settings = {**self.settings(variant), "band": band, **changes}
         return TrainConfig(
             photo_dir=photo_dir, token=concept_token(name), out=out, class_word=concepts.get_concept(name).class_word,
             base=base, device=device, seed=seed, flip=False, checkpoint_every=0, preview_images=0,
