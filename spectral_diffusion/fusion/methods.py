@@ -15,7 +15,8 @@ Baselines, for the quality benchmark (they accept every adapter variant):
   concept `i`'s own model encodes its prompts (its training captions and templates) and `X_0` the base's inputs for
   ordinary prompts (the empty prompt, the class words, the captions without their tokens, the captions the concepts'
   locality terms held). Each concept then keeps its own mapping of its own token, other concepts' deltas are
-  cancelled on it, and ordinary prompts map as in the base. Text encodings only (no image is sampled): seconds. Other layers get the exact sum.
+  cancelled on it, and ordinary prompts map as in the base. Text encodings only (no image is sampled): seconds.
+  Other layers get the exact sum.
 - `gradient`: Mix-of-Show's gradient fusion `min_W sum_i ||W X_i - (W0 + w_i dW_i) X_i||^2`, with `X_i` the layer
   inputs recorded while concept `i`'s model encodes and samples its prompts. Solved per layer in closed form from
   Gram matrices accumulated by forward hooks (no activation is stored), with a small ridge towards `W0`:
