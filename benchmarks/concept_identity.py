@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shlex
-import sys
 from dataclasses import fields
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -34,12 +31,11 @@ from fusion_quality import (
     cached,
     evaluate_single,
     judge_key,
-    machine,
     start_run,
     train_concepts,
+    write_report,
 )
 
-from spectral_diffusion.atomic import atomic_write
 from spectral_diffusion.fingerprint import base_fingerprint
 from spectral_diffusion.models import load_base
 from spectral_diffusion.toyworld import concepts
@@ -114,18 +110,13 @@ def main(argv: list[str] | None = None) -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        command = "benchmarks/concept_identity.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-        text = (
-            f"# Every toy concept, learned alone\n\nMade by `.venv/bin/python {command.strip()}` on "
-            f"{datetime.now(timezone.utc):%Y-%m-%d} ({machine()}). Base `{args.base}` (fingerprint {fingerprint}); "
-            f"each concept trained by the toy recipe (`toyworld/recipe.py`: additive, {RECIPE.targets}, rank "
-            f"{RECIPE.rank}, {args.steps} steps, locality weight {RECIPE.locality_weight:g}"
-            f"{''.join(f', {k} {v}' for k, v in changes.items())}) and applied live; "
+        write_report(
+            args.out, "Every toy concept, learned alone", "concept_identity.py", argv,
+            f"Base `{args.base}` (fingerprint {fingerprint}); each concept trained by the toy recipe "
+            f"(`toyworld/recipe.py`: additive, {RECIPE.targets}, rank {RECIPE.rank}, {args.steps} steps, locality "
+            f"weight {RECIPE.locality_weight:g}{''.join(f', {k} {v}' for k, v in changes.items())}) and applied live; "
             f"{args.seeds} seeds per prompt, {sampling.steps} DPM++ steps, CFG {sampling.guidance:g}. Fidelity: the "
-            f"probability of the dotted background when asked for it.\n\n{table}\n")
-        atomic_write(args.out, lambda tmp: tmp.write_text(text))
-        print(f"wrote {args.out}")
-
+            f"probability of the dotted background when asked for it.", table)
 
 if __name__ == "__main__":
     main()

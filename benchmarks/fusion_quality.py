@@ -46,6 +46,7 @@ from spectral_diffusion.adapters import AdapterConfig, find_targets, inject_adap
 from spectral_diffusion.adapters.config import SPECTRAL_VARIANTS
 from spectral_diffusion.adapters.inject import trainable_parameters
 from spectral_diffusion.adapters.layers import unwrap
+from spectral_diffusion.atomic import atomic_write
 from spectral_diffusion.bands import weight_matrix
 from spectral_diffusion.compose import Composer
 from spectral_diffusion.concept_file import Concept, load_concept
@@ -304,6 +305,16 @@ def write_results(path: Path, section: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_report(out: Path, title: str, script: str, argv: Sequence[str] | None, setup: str, body: str) -> None:
+    """A results page of one run: `title`, the command that made it (`script` with the run's arguments: `argv`, or
+    the command line's), the date and machine, `setup`, then `body`; written atomically."""
+    command = f"benchmarks/{script} " + shlex.join(sys.argv[1:] if argv is None else argv)
+    text = (f"# {title}\n\nMade by `.venv/bin/python {command.strip()}` on {datetime.now(timezone.utc):%Y-%m-%d} "
+            f"({machine()}). {setup}\n\n{body}\n")
+    atomic_write(out, lambda tmp: tmp.write_text(text))
+    print(f"wrote {out}")
 
 
 def judge_key(path: Path) -> str:

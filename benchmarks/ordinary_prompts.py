@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shlex
-import sys
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -36,10 +33,10 @@ from fusion_quality import (
     cached,
     evaluate_single,
     judge_key,
-    machine,
     regional_pairs,
     start_run,
     train_concepts,
+    write_report,
 )
 
 from spectral_diffusion.atomic import atomic_write
@@ -127,20 +124,16 @@ def main(argv: list[str] | None = None) -> None:
     table = "\n".join(lines) + "\n\nIdentity per concept:\n\n" + "\n".join(concept_lines)
     print(table)
     if not args.no_write:
-        command = "benchmarks/ordinary_prompts.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-        text = (
-            f"# Ordinary prompts: the locality term's captions and closed-form fusion's prior weight\n\nMade by "
-            f"`.venv/bin/python {command.strip()}` on {datetime.now(timezone.utc):%Y-%m-%d} ({machine()}). Base "
-            f"`toy` (fingerprint {fingerprint}); the first N of the fusion benchmark's eight additive concepts, "
+        write_report(
+            args.out, "Ordinary prompts: the locality term's captions and closed-form fusion's prior weight",
+            "ordinary_prompts.py", argv,
+            f"Base `toy` (fingerprint {fingerprint}); the first N of the fusion benchmark's eight additive concepts, "
             f"trained by the recipe (`recipe`) or by the recipe with `--locality-captions` holding the prior's "
             f"{RECIPE.prior_captions} ordinary captions (`locality-captions`); fused with closed-form and those "
             f"{RECIPE.prior_captions} captions as the prior, at each prior weight; {args.seeds} seeds, "
             f"{sampling.steps} DPM++ steps, CFG {sampling.guidance:g}; regional: the benchmark's pairs, latent mode; "
             f"ordinary scenes: 64 captions of random scenes (seed 1000), one image each, all of shape, colour and "
-            f"background right.\n\n{table}\n")
-        atomic_write(args.out, lambda tmp: tmp.write_text(text))
-        print(f"wrote {args.out}")
-
+            f"background right.", table)
 
 if __name__ == "__main__":
     main()
