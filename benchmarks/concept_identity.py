@@ -118,5 +118,6 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.seeds} seeds per prompt, {sampling.steps} DPM++ steps, CFG {sampling.guidance:g}. Fidelity: the "
             f"probability of the dotted background when asked for it.", table)
 
+
 if __name__ == "__main__":
     main()

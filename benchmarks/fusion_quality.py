@@ -158,8 +158,9 @@ def _recipe_digest(config: TrainConfig) -> str:
     # so concepts cached before the option existed keep their key
     settings["locality_prompts"] = locality_prompts(config)
     settings.pop("locality_captions")
-    if locality_captions(config):
-        settings["locality_captions"] = locality_captions(config)
+    captions = locality_captions(config)
+    if captions:
+        settings["locality_captions"] = captions
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

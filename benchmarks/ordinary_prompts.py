@@ -135,5 +135,6 @@ def main(argv: list[str] | None = None) -> None:
             f"ordinary scenes: 64 captions of random scenes (seed 1000), one image each, all of shape, colour and "
             f"background right.", table)
 
+
 if __name__ == "__main__":
     main()
