@@ -100,7 +100,7 @@ def test_demo_writes_grid_images_scores_and_reuses_concepts(tiny_model_dir, tmp_
     err = capsys.readouterr().err
     assert code == 2
     assert ("locality_prompts None -> ['token dropped', 'empty prompt', 'foreign token']" in err
-            and "locality_captions 64 captions -> []" in err and "--overwrite" in err)
+            and "locality_captions 64 captions -> None" in err and "--overwrite" in err)
 
 
 @pytest.mark.parametrize(("changes", "message"), [

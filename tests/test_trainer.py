@@ -294,6 +294,8 @@ def test_locality_loss_starts_at_zero_and_trains_only_the_adapters(tiny_pipe: St
     out = trainer.run()
     assert load_concept(out).meta.training["locality_weight"] == 1.0
     assert load_concept(out).meta.training["captions"]
+    # no --locality-captions, no key: files and checkpoints from before the option compare equal
+    assert "locality_captions" not in load_concept(out).meta.training
 
 
 def test_locality_captions_join_the_term_and_the_concept_file(tiny_pipe: StableDiffusionPipeline, photos: Path,

@@ -154,7 +154,7 @@ def _reusable(path: Path, config: TrainConfig, band: int, fingerprint: str) -> b
     lr_unet, lr_text, lr_emb = config.learning_rates()
     wanted = {key: getattr(config, key, None) for key in RECIPE_KEYS}
     wanted.update(band=band, lr_unet=lr_unet, lr_text=lr_text, lr_emb=lr_emb, base_fingerprint=fingerprint,
-                  locality_prompts=locality_prompts(config), locality_captions=locality_captions(config))
+                  locality_prompts=locality_prompts(config), locality_captions=locality_captions(config) or None)
     found = {key: meta.training.get(key) for key in RECIPE_KEYS}
     if found != wanted:
         changed = ", ".join(f"{k} {_short(found[k])} -> {_short(wanted[k])}" for k in RECIPE_KEYS

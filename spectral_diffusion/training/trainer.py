@@ -350,8 +350,9 @@ class Trainer:
             "lr_emb": lr_emb, "warmup_steps": self.warmup, "weight_decay": c.weight_decay,
             "max_grad_norm": c.max_grad_norm, "seed": c.seed, "noise_offset": c.noise_offset,
             "snr_gamma": c.snr_gamma, "locality_weight": c.locality_weight,
-            "locality_prompts": locality_prompts(c), "locality_captions": self.locality_captions,
-            "num_vectors": c.num_vectors,
+            "locality_prompts": locality_prompts(c), "num_vectors": c.num_vectors,
+            # only where given: concepts and checkpoints from before the option compare equal without them
+            **({"locality_captions": self.locality_captions} if self.locality_captions else {}),
             "emb_norm_cap": self.norm_cap,
             "prior_weight": c.prior_weight if self.prior else 0.0, "mask_floor": c.mask_floor, "flip": c.flip,
             "images": [e.name for e in self.data.examples],
