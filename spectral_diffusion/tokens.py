@@ -34,6 +34,12 @@ def token_names(token: str, num_vectors: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
 
 
+def drop_token(caption: str, token: str) -> str:
+    """`caption` without `token`, spaces tidied: the ordinary prompt a concept's caption stands on ("a photo of <doga>
+    dog" -> "a photo of dog"), which the locality term and closed-form fusion keep at the base's mapping."""
+    return " ".join(caption.replace(token, " ").split())
+
+
 def check_new_token(tokenizer: PreTrainedTokenizerBase, token: str, num_vectors: int = 1) -> None:
     """Refuse a token that is empty, has spaces or braces (caption placeholders such as `{class_word}` are replaced
     before the token is ever seen, so it would never be trained), or (with its `_i` siblings) already means something."""

@@ -41,6 +41,7 @@ from spectral_diffusion.adapters.targets import adaptable_layers, is_text_fed
 from spectral_diffusion.bands import weight_matrix
 from spectral_diffusion.concept_file import Concept, ConceptMeta
 from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.tokens import drop_token
 
 METHODS = ("spectral", "closed-form", "mean", "sum", "ties", "dare", "gradient")
 # What the CLI and the app fuse with unless told: the method that kept identity best at every N in the fusion
@@ -195,7 +196,7 @@ def ordinary_prompts(metas: Sequence[ConceptMeta]) -> list[str]:
     guidance reads it), each class word in templates, every concept's captions without its token, and the ordinary
     captions its training's locality term held (`train --locality-captions`)."""
     prompts = {t.format(m.class_word).strip() for m in metas for t in ORDINARY_TEMPLATES}
-    prompts |= {" ".join(c.replace(m.token, " ").split()) for m in metas for c in m.training.get("captions", [])}
+    prompts |= {drop_token(c, m.token) for m in metas for c in m.training.get("captions", [])}
     prompts |= {c for m in metas for c in m.training.get("locality_captions", [])}
     return sorted(prompts)
 

@@ -61,6 +61,7 @@ from spectral_diffusion.tokens import (
     add_concept_tokens,
     check_new_token,
     default_norm_cap,
+    drop_token,
     expand_prompt,
     initial_embeddings,
     resize_embeddings,
@@ -139,7 +140,7 @@ def locality_captions(config: TrainConfig) -> list[str]:
     if config.locality_weight <= 0 or config.locality_captions is None:
         return []
     captions = read_prompts(config.locality_captions, "--locality-captions")
-    return [" ".join(c.replace(config.token, " ").split()) for c in captions]
+    return [drop_token(c, config.token) for c in captions]
 
 
 def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -459,7 +460,7 @@ class Trainer:
         token, device = self.config.token, self.accelerator.device
         # the empty prompt is classifier-free guidance's unconditional branch, which every concept of a fused model
         # shares: a concept that moves it pulls every other concept's images with it
-        ordinary = [" ".join(c.replace(token, " ").split()) for c in captions] + [""]
+        ordinary = [drop_token(c, token) for c in captions] + [""]
         if self.locality_captions:
             drawn = torch.randint(len(self.locality_captions), (len(captions),), generator=generator)
             ordinary += [self.locality_captions[i] for i in drawn.tolist()]
