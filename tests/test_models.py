@@ -115,9 +115,12 @@ def test_dtype_option_and_cli_arguments(tiny_model_dir, tiny_single_file):
 
 
 def test_one_base_spec_for_training_too(tmp_path):
-    config = TrainConfig(tmp_path, "<x>", tmp_path / "x.safetensors", base="./sd15", device="cpu")
-    assert config.base == BaseSpec("./sd15", device="cpu")  # a spec string, and the device shorthand
-    assert config.device == "cpu" and replace(config, steps=3).base == config.base
+    config = TrainConfig(tmp_path, "<x>", tmp_path / "x.safetensors", base="./sd15")
+    assert config.base == BaseSpec("./sd15")  # a spec string stands for the spec
+    assert replace(config, steps=3).base == config.base
+    from spectral_diffusion.toyworld.recipe import RECIPE
+    recipe_config = RECIPE.train_config("bullseye", tmp_path, tmp_path / "b.safetensors", device="cpu")
+    assert recipe_config.base == BaseSpec("toy", device="cpu")
     with pytest.raises(SpectralDiffusionError) as info:
         BaseSpec(dtype="fp8").load()
     assert str(info.value) == "--dtype must be one of fp32, fp16, bf16, got 'fp8'"

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.models import BaseSpec
 from spectral_diffusion.toyworld import concepts, render
 from spectral_diffusion.toyworld.scoring import concept_token
 from spectral_diffusion.training.checkpoint import checkpoint_dir
@@ -68,7 +69,7 @@ class Recipe:
         settings = {**self.settings(variant), "band": band, **changes}
         return TrainConfig(
             photo_dir=photo_dir, token=concept_token(name), out=out, class_word=concepts.get_concept(name).class_word,
-            base=base, device=device, seed=seed, flip=False, checkpoint_every=0, preview_images=0,
+            base=BaseSpec(base, device=device), seed=seed, flip=False, checkpoint_every=0, preview_images=0,
             resume=checkpoint_dir(Path(out)).is_dir() and not overwrite, overwrite=overwrite, **settings)
 
     def fuse_options(self, method: str | None = None) -> dict[str, object]:

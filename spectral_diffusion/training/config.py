@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import InitVar, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from spectral_diffusion.adapters import AdapterConfig
@@ -53,8 +53,8 @@ class TrainConfig:
     """Everything a training run depends on; `None` defaults are resolved from the model or the variant.
 
     Each field's metadata is its `spectral-diffusion train` flag (`cli/options.py`); `base` is the model trained on
-    (`BaseSpec`: the flags every command shares), given as a spec or as its `spec` string. `device` is a shorthand
-    for `base`'s device. The base's `dtype` None means the weights' precision follows `mixed_precision`.
+    (`BaseSpec`: the flags every command shares, the device among them), given as a spec or as its `spec` string.
+    The base's `dtype` None means the weights' precision follows `mixed_precision`.
     """
 
     photo_dir: str | Path = field(metadata={
@@ -65,7 +65,6 @@ class TrainConfig:
         "help": "what the concept is (dog, person, ...): initialises the token embedding and fills {class_word} in "
                 "captions", "default_help": "none"})
     base: BaseSpec | str = field(default_factory=BaseSpec)
-    device: InitVar[str | None] = None
     variant: str = field(default=AdapterConfig.variant, metadata={
         "group": _ADAPTER, "help": "additive | rotational (Spectral Adapter bands) | lora | ortho (baselines)"})
     band: int | str = field(default="auto", metadata={
@@ -153,11 +152,9 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata={
         "help": "replace an existing --out (and its old checkpoints)"})
 
-    def __post_init__(self, device: str | None) -> None:
+    def __post_init__(self) -> None:
         if isinstance(self.base, str):
             self.base = BaseSpec(self.base)
-        if device is not None:
-            self.base = replace(self.base, device=device)
 
     def check(self) -> None:
         """Refuse bad settings before anything slow happens (including an existing `out` without `overwrite`), and
@@ -219,11 +216,6 @@ class TrainConfig:
         unet, text = DEFAULT_LRS[self.variant]
         return (unet if self.lr_unet is None else self.lr_unet,
                 text if self.lr_text is None else self.lr_text, self.lr_emb)
-
-
-# `device` is given to __init__ only (an InitVar, folded into `base`); read back, it is the base's device, not the
-# InitVar's class-level default None.
-TrainConfig.device = property(lambda self: self.base.device)  # type: ignore[assignment]
 
 
 # What names a run (photos, token, output, base, folders on this machine) or may touch files beyond it (overwrite,
