@@ -94,7 +94,8 @@ def set_loras(pipe: StableDiffusionPipeline, loras: Mapping[str | Path, float]) 
     """Make exactly `loras` (file -> weight) fused into `pipe`'s weights, with or without live concepts on it.
 
     Files are checked before the pipeline changes. LoRAs are loaded in path order and fused together, on top of the
-    untouched base weights.
+    untouched base weights. A pipeline holding diffusers LoRA adapters loaded elsewhere is refused: diffusers unloads
+    LoRA layers all at once, so fusing ours would drop them.
     """
     wanted = dict(sorted(check_lora(path, weight) for path, weight in loras.items()))
     state = _STATES.get(pipe)
@@ -105,6 +106,11 @@ def set_loras(pipe: StableDiffusionPipeline, loras: Mapping[str | Path, float]) 
     if wanted == state.loras:
         return
     names = [f"spectral_lora_{i}" for i in range(len(wanted))]
+    foreign = sorted({name for adapters in pipe.get_list_adapters().values() for name in adapters})
+    if names and foreign:
+        raise SpectralDiffusionError(
+            f"the pipeline holds LoRA adapters loaded outside set_loras ({', '.join(foreign)}), which fusing would "
+            "unload; give their files to set_loras instead, or unload them first (pipe.unload_lora_weights)")
     with _bare_layers(pipe), torch.no_grad():
         try:
             for name, path in zip(names, wanted, strict=True):

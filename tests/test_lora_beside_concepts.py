@@ -70,6 +70,19 @@ def test_concept_and_lora_together_in_either_order(files, tiny_pipe, tiny_model_
     assert np.array_equal(_image(tiny_pipe), plain)
 
 
+def test_set_loras_refuses_to_drop_adapters_loaded_elsewhere(files, tiny_pipe) -> None:
+    """diffusers unloads every LoRA layer at once, so set_loras would lose a user's unfused adapter: refused."""
+    _, lora = files
+    tiny_pipe.load_lora_weights(str(lora), adapter_name="mine")
+    before = _image(tiny_pipe)
+    with pytest.raises(SpectralDiffusionError, match=r"^the pipeline holds LoRA adapters loaded outside set_loras "
+                                                     r"\(mine\), which fusing would unload; "):
+        set_loras(tiny_pipe, {lora: 0.5})
+    assert tiny_pipe.get_list_adapters() == {"unet": ["mine"], "text_encoder": ["mine"]}
+    assert np.array_equal(_image(tiny_pipe), before) and fused_loras(tiny_pipe) == {}
+    tiny_pipe.unload_lora_weights()
+
+
 def test_lora_arguments_and_prompt_tags(files, tmp_path) -> None:
     _, lora = files
     assert parse_lora_arg(f"{lora}:0.5") == (lora.resolve(), 0.5)
