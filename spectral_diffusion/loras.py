@@ -99,18 +99,16 @@ def set_loras(pipe: StableDiffusionPipeline, loras: Mapping[str | Path, float]) 
     """
     wanted = dict(sorted(check_lora(path, weight) for path, weight in loras.items()))
     state = _STATES.get(pipe)
-    if state is None:
-        if not wanted:  # nothing fused before or now: no state to keep, no fingerprint to compute
-            return
-        state = _STATES[pipe] = _State(base_fingerprint(pipe.unet, pipe.text_encoder))
-    if wanted == state.loras:
+    if wanted == (state.loras if state else {}):  # nothing to change (no state yet: no fingerprint to compute)
         return
-    names = [f"spectral_lora_{i}" for i in range(len(wanted))]
     foreign = sorted({name for adapters in pipe.get_list_adapters().values() for name in adapters})
-    if names and foreign:
+    if wanted and foreign:
         raise SpectralDiffusionError(
             f"the pipeline holds LoRA adapters loaded outside set_loras ({', '.join(foreign)}), which fusing would "
             "unload; give their files to set_loras instead, or unload them first (pipe.unload_lora_weights)")
+    if state is None:
+        state = _STATES[pipe] = _State(base_fingerprint(pipe.unet, pipe.text_encoder))
+    names = [f"spectral_lora_{i}" for i in range(len(wanted))]
     with _bare_layers(pipe), torch.no_grad():
         try:
             for name, path in zip(names, wanted, strict=True):

@@ -80,7 +80,6 @@ def test_set_loras_refuses_to_drop_adapters_loaded_elsewhere(files, tiny_pipe) -
         set_loras(tiny_pipe, {lora: 0.5})
     assert tiny_pipe.get_list_adapters() == {"unet": ["mine"], "text_encoder": ["mine"]}
     assert np.array_equal(_image(tiny_pipe), before) and fused_loras(tiny_pipe) == {}
-    tiny_pipe.unload_lora_weights()
 
 
 def test_lora_arguments_and_prompt_tags(files, tmp_path) -> None:
